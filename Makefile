@@ -1,0 +1,62 @@
+# Large Models as a Service: every target bootstraps .venv with pip when it is missing
+# or older than pyproject.toml, so `make book` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+.PHONY: help book test lab execute bench lint unit nbval book-check clean
+
+help:
+	@echo "make book     build the website into _build/html"
+	@echo "make test     lint, unit tests, notebook hygiene, nbval on every notebook, strict book build"
+	@echo "make lab      open JupyterLab on notebooks/"
+	@echo "make execute  re-run every notebook in place, in a fresh kernel, top to bottom"
+	@echo "make bench    run the benchmarks and write their tables to book/figures/"
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python >= 3.10 is needed, found " + sys.version.split()[0])'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[all]"
+	@touch $(STAMP)
+
+book: $(STAMP)
+	$(BIN)/jupyter-book build . --builder html --keep-going
+	@echo "Open $(CURDIR)/_build/html/index.html in a browser."
+
+test: lint unit nbval book-check
+	@echo "make test: all checks passed."
+
+lint: $(STAMP)
+	$(BIN)/ruff check aimodels tests benchmarks
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+nbval: $(STAMP)
+	$(BIN)/python -m pytest $(NBVAL) -n 2 --dist loadfile $(NOTEBOOKS)
+
+book-check: $(STAMP)
+	$(BIN)/jupyter-book build . --builder html --all --warningiserror --keep-going
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+execute: $(STAMP)
+	@TIMEFORMAT="    %R s"; for nb in $(NOTEBOOKS); do \
+		echo "$$nb"; \
+		time $(BIN)/jupyter nbconvert --to notebook --execute --inplace --log-level=WARN \
+			--ExecutePreprocessor.timeout=300 --ExecutePreprocessor.record_timing=False \
+			--ExecutePreprocessor.kernel_name=python3 "$$nb" || exit 1; \
+	done
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_optim.py
+
+clean:
+	rm -rf _build .pytest_cache .ruff_cache

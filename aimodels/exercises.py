@@ -1,0 +1,159 @@
+"""Graders for the chapters' exercises: each ``check_*`` prints feedback with a hint.
+
+Every checker returns ``True`` for a correct answer and ``False`` otherwise, and prints
+one line that says which. A wrong answer that matches a common slip gets a hint that
+names the slip.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from aimodels import optim, scaling
+
+
+def _report(ok: bool, message: str) -> bool:
+    print(("Correct: " if ok else "Not yet: ") + message)
+    return ok
+
+
+def _number(name: str, answer: object) -> float:
+    if isinstance(answer, bool) or not isinstance(answer, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(answer).__name__} {answer!r}")
+    return float(answer)
+
+
+def _grade_number(
+    name: str,
+    answer: object,
+    expected: float,
+    slips: dict[float, str],
+    rel: float = 0.02,
+) -> bool:
+    """Compare a numeric answer; a near-miss that equals a known slip gets that slip's hint."""
+    value = _number(name, answer)
+    if math.isclose(value, expected, rel_tol=rel):
+        return _report(True, f"{name} = {value:.4g}.")
+    for wrong, hint in slips.items():
+        if math.isclose(value, wrong, rel_tol=rel):
+            return _report(False, f"{name} = {value:.4g}. Hint: {hint}")
+    return _report(False, f"{name} = {value:.4g} is off by a factor {value / expected:.3g}. "
+                          "Write the formula with units first, then the numbers.")
+
+
+# --------------------------------------------------------------------------- Chapter 1
+def check_weights_gb(bf16: object, int4: object) -> bool:
+    """Ch. 1, exercise 1: GB (10^9 bytes) for the weights of a 7e9-parameter model."""
+    n = 7e9
+    ok_bf16 = _grade_number(
+        "bf16 GB", bf16, scaling.weights_memory_bytes(n, "bf16") / 1e9,
+        {n * 4 / 1e9: "that is float32 (4 bytes); bfloat16 takes 2 bytes per value.",
+         n * 2 / 2**30: "you divided by 2**30 (GiB); the question asks for GB = 1e9 bytes."},
+    )
+    ok_int4 = _grade_number(
+        "int4 GB", int4, scaling.weights_memory_bytes(n, "int4") / 1e9,
+        {n * 4 / 1e9: "int4 is 4 *bits*, half a byte, not 4 bytes.",
+         n / 1e9: "that is int8 (1 byte); int4 packs two values in a byte.",
+         n * 0.5 / 2**30: "you divided by 2**30 (GiB); the question asks for GB = 1e9 bytes."},
+    )
+    return ok_bf16 and ok_int4
+
+
+def check_training_days(answer: object) -> bool:
+    """Ch. 1, exercise 2: days to train a 7e9-parameter model Chinchilla-optimally.
+
+    256 GPUs of 312e12 FLOP/s peak each, at 40% utilisation.
+    """
+    n = 7e9
+    tokens = scaling.chinchilla_optimal_tokens(n)
+    flops = scaling.training_flops(n, tokens)
+    peak = 256 * 312e12
+    expected = scaling.training_days(flops, peak, 0.4)
+    return _grade_number(
+        "training days", answer, expected,
+        {scaling.training_days(flops, peak, 1.0): "you assumed 100% utilisation; use 0.4.",
+         expected * 86_400: "that is in seconds; divide by 86,400 for days.",
+         expected * 24: "that is in hours; divide by 24 for days.",
+         expected / 3: "2ND is the cost of a forward pass only; training is 6ND.",
+         scaling.training_days(6 * n * 300e9, peak, 0.4): "use 20 tokens per parameter, "
+         "not GPT-3's 300B tokens."},
+    )
+
+
+def check_mlp_parameters(fn: Callable[[list[int]], int]) -> bool:
+    """Ch. 1, exercise 3: ``fn(sizes)`` counts the parameters of an MLP with layer sizes.
+
+    ``sizes = [d_in, h_1, ..., d_out]`` describes ``nn.Linear(sizes[i], sizes[i+1])``
+    layers with biases. The checker compares with :func:`aimodels.scaling.count_parameters`.
+    """
+    cases = [[3, 4, 2], [784, 256, 10], [10, 1], [5, 7, 7, 7, 1], [1024, 4096, 1024]]
+    for sizes in cases:
+        layers: list[nn.Module] = [nn.Linear(a, b) for a, b in zip(sizes, sizes[1:], strict=False)]
+        expected = scaling.count_parameters(nn.Sequential(*layers))
+        got = fn(list(sizes))
+        if got != expected:
+            if isinstance(got, (int, float)) and got == expected - sum(sizes[1:]):
+                hint = "each output unit also has a bias."
+            elif isinstance(got, (int, float)) and got == expected + sizes[0]:
+                hint = "the input layer has no bias: biases belong to the outputs of each layer."
+            else:
+                hint = "a Linear(a, b) layer holds an a-by-b weight matrix and b biases."
+            return _report(False, f"sizes={sizes}: got {got!r}, expected {expected}. Hint: {hint}")
+    return _report(True, f"all {len(cases)} architectures counted exactly.")
+
+
+# --------------------------------------------------------------------------- Chapter 2
+def check_max_stable_lr(answer: object) -> bool:
+    """Ch. 2, exercise 1: the learning rate above which GD diverges on f(x) = 2x²."""
+    curvature = 4.0  # f''(x) for f(x) = 2 x^2
+    return _grade_number(
+        "largest stable learning rate", answer, 2.0 / curvature,
+        {1.0 / curvature: "1/L is the step that lands on the minimum at once; "
+                          "the iteration still converges (oscillating) up to 2/L.",
+         2.0 / 2.0: "the curvature of 2x² is f''(x) = 4, not 2.",
+         1.0: "for f(x) = x² the bound is 1; here f(x) = 2x², twice as curved."},
+        rel=1e-3,
+    )
+
+
+def check_adagrad(optimizer_class: Callable[..., torch.optim.Optimizer]) -> bool:
+    """Ch. 2, exercise 2: an AdaGrad that matches ``torch.optim.Adagrad``.
+
+    ``optimizer_class(params, lr, eps=1e-10)``; torch's default AdaGrad has no learning
+    rate decay and starts its sum of squares at 0.
+    """
+    for lr in (0.1, 0.01):
+        gap = optim.max_difference_from_twin(
+            lambda p, lr=lr: optimizer_class(p, lr=lr, eps=1e-10),
+            lambda p, lr=lr: torch.optim.Adagrad(p, lr=lr, eps=1e-10),
+            steps=50,
+        )
+        if not gap < 1e-9:
+            return _report(
+                False,
+                f"with lr={lr} your parameters drift up to {gap:.3g} away from torch's. "
+                "Hint: keep a per-coordinate running *sum* of squared gradients, add eps "
+                "*after* the square root, and update with lr * g / (sqrt(sum) + eps).",
+            )
+    return _report(True, "your AdaGrad matches torch.optim.Adagrad over 50 steps.")
+
+
+def check_adam_first_step(answer: object) -> bool:
+    """Ch. 2, exercise 3: size of Adam's first update with lr = 0.01 and gradient g = 1000."""
+    lr, g, eps, beta1, beta2 = 0.01, 1000.0, 1e-8, 0.9, 0.999
+    expected = lr * g / (abs(g) + eps)
+    uncorrected = lr * ((1 - beta1) * g) / (math.sqrt((1 - beta2) * g * g) + eps)
+    return _grade_number(
+        "first Adam step", answer, expected,
+        {uncorrected: "that is Adam without bias correction: divide m by 1 - beta1 "
+                      "and v by 1 - beta2 at step 1.",
+         lr * g: "that is plain gradient descent; Adam divides by sqrt(v_hat).",
+         (1 - beta1) * lr: "remember the bias correction of m at t = 1."},
+        rel=1e-4,
+    )
+
+

@@ -1,0 +1,313 @@
+"""Gradient descent and its descendants, from scratch (Chapter 2).
+
+Two layers:
+
+* plain NumPy functions (:func:`gradient_descent`, :func:`linear_regression_sgd`) that
+  show the update rule with nothing hidden;
+* ``torch.optim.Optimizer`` subclasses (:class:`SGD`, :class:`RMSProp`, :class:`Adam`)
+  with the same update semantics as ``torch.optim.SGD``, ``RMSprop`` and ``Adam``,
+  so that they drop into any PyTorch training loop. ``tests/test_optim.py`` checks
+  each one against its twin.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.optim import Optimizer
+
+Array = np.ndarray
+
+
+# --------------------------------------------------------------------------- test functions
+def ill_conditioned_quadratic(p: Any, condition: float = 20.0) -> Any:
+    r"""A stretched bowl :math:`f(x, y) = \tfrac12 (x^2 + \kappa y^2)`, minimum 0 at the origin.
+
+    Its curvatures are 1 and :math:`\kappa` (``condition``), so :math:`\kappa` is the
+    condition number of its Hessian. Works on NumPy arrays and torch tensors whose
+    last axis holds (x, y).
+    """
+    return 0.5 * (p[..., 0] ** 2 + condition * p[..., 1] ** 2)
+
+
+def rosenbrock(p: Any, a: float = 1.0, b: float = 100.0) -> Any:
+    r"""Rosenbrock's banana :math:`f(x, y) = (a - x)^2 + b (y - x^2)^2`, minimum 0 at (a, a²).
+
+    A curved, narrow valley: easy to find, slow to follow (Rosenbrock, 1960).
+    Works on NumPy arrays and torch tensors whose last axis holds (x, y).
+    """
+    x, y = p[..., 0], p[..., 1]
+    return (a - x) ** 2 + b * (y - x**2) ** 2
+
+
+# --------------------------------------------------------------------------- plain NumPy
+def gradient_descent(
+    grad: Callable[[Array], Array], x0: Iterable[float] | float, lr: float, steps: int
+) -> Array:
+    r"""Run :math:`x_{t+1} = x_t - \eta \nabla f(x_t)` and return every iterate.
+
+    ``grad`` maps a point (a 1-D array) to the gradient there. Returns an array of
+    shape ``[steps + 1, dim]`` whose first row is ``x0``. Divergence is not an error:
+    the iterates simply grow, which is what the chapter plots.
+    """
+    _check_lr("gradient_descent", lr)
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got steps={steps!r}")
+    x = np.atleast_1d(np.asarray(x0, dtype=np.float64)).copy()
+    path = [x.copy()]
+    with np.errstate(over="ignore", invalid="ignore"):
+        for _ in range(steps):
+            x = x - lr * np.asarray(grad(x), dtype=np.float64)
+            path.append(x.copy())
+    return np.stack(path)
+
+
+def linear_regression_sgd(
+    X: Array,
+    y: Array,
+    lr: float,
+    batch_size: int,
+    epochs: int,
+    seed: int = 0,
+) -> dict[str, Array]:
+    r"""Minibatch SGD on the mean squared error of a linear model :math:`\hat y = Xw + b`.
+
+    Each update uses the gradient of the loss on one minibatch :math:`B`:
+
+    .. math:: \nabla_w L_B = \tfrac{2}{|B|} X_B^\top (X_B w + b - y_B), \qquad
+              \nabla_b L_B = \tfrac{2}{|B|} \mathbf 1^\top (X_B w + b - y_B).
+
+    ``batch_size=len(X)`` is full-batch gradient descent, ``batch_size=1`` is
+    stochastic gradient descent. The data are reshuffled every epoch. Returns
+    ``w``, ``b``, the full-data loss after every update (``loss``) and the number of
+    examples whose gradient had been computed by then (``examples``).
+    """
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if X.ndim != 2 or y.shape != (X.shape[0],):
+        raise ValueError(
+            f"expected X of shape [n, d] and y of shape [n], got X {X.shape} and y {y.shape}"
+        )
+    n = X.shape[0]
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be an int in [1, {n}], got batch_size={batch_size!r}")
+    _check_lr("linear_regression_sgd", lr)
+    rng = np.random.default_rng(seed)
+    w, b = np.zeros(X.shape[1]), 0.0
+    losses, seen = [float(np.mean((X @ w + b - y) ** 2))], [0]
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            residual = X[idx] @ w + b - y[idx]
+            w = w - lr * 2.0 / len(idx) * (X[idx].T @ residual)
+            b = b - lr * 2.0 / len(idx) * residual.sum()
+            losses.append(float(np.mean((X @ w + b - y) ** 2)))
+            seen.append(seen[-1] + len(idx))
+    return {"w": w, "b": np.float64(b), "loss": np.array(losses), "examples": np.array(seen)}
+
+
+# --------------------------------------------------------------------------- torch optimisers
+def _check_lr(owner: str, lr: float) -> None:
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"{owner}: expected a learning rate lr >= 0, got lr={lr!r}")
+
+
+def _check_unit_interval(owner: str, name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{owner}: expected {name} in [0, 1), got {name}={value!r}")
+
+
+def _check_eps(owner: str, eps: float) -> None:
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"{owner}: expected eps >= 0, got eps={eps!r}")
+
+
+class ScratchOptimizer(Optimizer):
+    """Base class of the course's optimisers: it loops over parameters, you write the update.
+
+    A subclass implements :meth:`update`, which changes one parameter in place from
+    its gradient, its per-parameter ``state`` dict and its group's hyperparameters.
+    Everything else (param groups, ``zero_grad``, ``state_dict``, closures) comes
+    from ``torch.optim.Optimizer``.
+    """
+
+    def update(
+        self, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict
+    ) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must implement update()")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Apply one update to every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                self.update(param, param.grad, self.state[param], group)
+        return loss
+
+
+class SGD(ScratchOptimizer):
+    r"""Stochastic gradient descent with optional (heavy-ball) momentum.
+
+    .. math:: v_{t} = \mu v_{t-1} + g_t, \qquad \theta_{t} = \theta_{t-1} - \eta v_t
+
+    with :math:`v_1 = g_1`, exactly as ``torch.optim.SGD`` (no dampening, no Nesterov).
+    With ``momentum=0`` it is plain :math:`\theta \leftarrow \theta - \eta g`.
+    """
+
+    def __init__(self, params: Iterable, lr: float, momentum: float = 0.0) -> None:
+        _check_lr("SGD", lr)
+        _check_unit_interval("SGD", "momentum", momentum)
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+        step = grad
+        if group["momentum"] != 0:
+            if "velocity" not in state:
+                state["velocity"] = grad.clone()
+            else:
+                state["velocity"].mul_(group["momentum"]).add_(grad)
+            step = state["velocity"]
+        param.add_(step, alpha=-group["lr"])
+
+
+class RMSProp(ScratchOptimizer):
+    r"""RMSProp: divide each coordinate's step by a running root-mean-square of its gradients.
+
+    .. math:: s_t = \alpha s_{t-1} + (1 - \alpha) g_t^2, \qquad
+              \theta_t = \theta_{t-1} - \eta \, \frac{g_t}{\sqrt{s_t} + \epsilon}
+
+    with :math:`s_0 = 0`, exactly as ``torch.optim.RMSprop`` (not centred, no momentum).
+    """
+
+    def __init__(self, params: Iterable, lr: float, alpha: float = 0.99, eps: float = 1e-8) -> None:
+        _check_lr("RMSProp", lr)
+        _check_unit_interval("RMSProp", "alpha", alpha)
+        _check_eps("RMSProp", eps)
+        super().__init__(params, {"lr": lr, "alpha": alpha, "eps": eps})
+
+    def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+        if "square_avg" not in state:
+            state["square_avg"] = torch.zeros_like(param)
+        square_avg = state["square_avg"]
+        square_avg.mul_(group["alpha"]).addcmul_(grad, grad, value=1 - group["alpha"])
+        param.addcdiv_(grad, square_avg.sqrt().add_(group["eps"]), value=-group["lr"])
+
+
+class Adam(ScratchOptimizer):
+    r"""Adam: momentum on the gradient plus RMSProp scaling, both bias-corrected.
+
+    .. math::
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t, &\quad
+        \hat m_t &= m_t / (1 - \beta_1^t), \\
+        v_t &= \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, &\quad
+        \hat v_t &= v_t / (1 - \beta_2^t), \\
+        \theta_t &= \theta_{t-1} - \eta \, \hat m_t / (\sqrt{\hat v_t} + \epsilon)
+
+    with :math:`m_0 = v_0 = 0` (Kingma and Ba, 2015), exactly as ``torch.optim.Adam``
+    with its defaults (no weight decay, no AMSGrad).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        _check_lr("Adam", lr)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Adam: expected betas as a pair (beta1, beta2), got betas={betas!r}")
+        _check_unit_interval("Adam", "betas[0]", betas[0])
+        _check_unit_interval("Adam", "betas[1]", betas[1])
+        _check_eps("Adam", eps)
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
+
+    def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        if "step" not in state:
+            state["step"] = 0
+            state["m"] = torch.zeros_like(param)
+            state["v"] = torch.zeros_like(param)
+        state["step"] += 1
+        t, m, v = state["step"], state["m"], state["v"]
+        m.mul_(beta1).add_(grad, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        m_hat = m / (1 - beta1**t)
+        v_hat = v / (1 - beta2**t)
+        param.addcdiv_(m_hat, v_hat.sqrt().add_(group["eps"]), value=-group["lr"])
+
+
+def optimize(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x0: Iterable[float],
+    make_optimizer: Callable[[list[torch.Tensor]], Optimizer],
+    steps: int,
+) -> tuple[Array, Array]:
+    """Minimise ``fn`` from ``x0`` with any torch optimiser; return the path and the losses.
+
+    ``make_optimizer`` receives the list of parameters (one float64 tensor holding the
+    point) and returns the optimiser, e.g. ``lambda p: Adam(p, lr=0.1)``. Returns the
+    iterates, shape ``[steps + 1, dim]``, and ``fn`` at each of them, shape ``[steps + 1]``.
+    """
+    x = torch.tensor(list(x0), dtype=torch.float64, requires_grad=True)
+    optimizer = make_optimizer([x])
+    path, losses = [x.detach().clone()], []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = fn(x)
+        loss.backward()
+        losses.append(loss.item())
+        optimizer.step()
+        path.append(x.detach().clone())
+    losses.append(fn(x).item())
+    return torch.stack(path).numpy(), np.array(losses)
+
+
+def max_difference_from_twin(
+    make_ours: Callable[[Iterable], Optimizer],
+    make_reference: Callable[[Iterable], Optimizer],
+    steps: int = 100,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> float:
+    """Train two identical small networks, one per optimiser; return the largest gap.
+
+    Both copies start from the same random weights and see the same random minibatches
+    of a regression problem, so any difference comes from the update rules alone.
+    Returns the maximum absolute difference between corresponding parameters over all
+    ``steps`` steps: 0 up to rounding when the two optimisers agree.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    net = net.to(dtype)
+    twin = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    twin = twin.to(dtype)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=dtype))
+    twin.load_state_dict(net.state_dict())
+    ours, reference = make_ours(net.parameters()), make_reference(twin.parameters())
+    worst = 0.0
+    for _ in range(steps):
+        x = torch.randn(16, 5, generator=generator, dtype=dtype)
+        y = torch.randn(16, 3, generator=generator, dtype=dtype)
+        for model, optimizer in ((net, ours), (twin, reference)):
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        for a, b in zip(net.parameters(), twin.parameters(), strict=True):
+            worst = max(worst, (a - b).abs().max().item())
+    return worst
