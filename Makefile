@@ -33,7 +33,7 @@ test: lint unit nbval book-check
 	@echo "make test: all checks passed."
 
 lint: $(STAMP)
-	$(BIN)/ruff check aimodels tests benchmarks
+	$(BIN)/ruff check aimodels tests benchmarks book/_ext
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests

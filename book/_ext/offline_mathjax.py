@@ -1,0 +1,51 @@
+"""Serve MathJax from the built site, so the book's math renders without a network.
+
+Sphinx loads MathJax from a CDN by default. The ``django-static-mathjax`` package
+(in the ``book`` extra) ships MathJax 3 as package data; this extension copies its
+ES5 build into ``_static/mathjax`` and points ``mathjax_path`` at it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from sphinx.application import Sphinx
+from sphinx.config import Config
+from sphinx.errors import ExtensionError
+
+TARGET = "mathjax"
+ENTRY = "tex-mml-chtml.js"
+
+
+def _mathjax_source() -> Path:
+    try:
+        import mathjax  # provided by django-static-mathjax
+    except ImportError as exc:
+        raise ExtensionError(
+            "offline_mathjax needs the 'django-static-mathjax' package: "
+            "run `pip install -e .[book]` (make book does it for you)"
+        ) from exc
+    source = Path(mathjax.__file__).parent / "static" / "mathjax" / "es5"
+    if not (source / ENTRY).is_file():
+        raise ExtensionError(f"offline_mathjax: expected {source / ENTRY}, which is missing")
+    return source
+
+
+def _use_local_copy(app: Sphinx, config: Config) -> None:
+    _mathjax_source()  # fail early, with a clear message, if the package is missing
+    config.mathjax_path = f"{TARGET}/{ENTRY}"
+
+
+def _copy(app: Sphinx, exception: Exception | None) -> None:
+    if exception is not None or app.builder.format != "html":
+        return
+    destination = Path(app.outdir) / "_static" / TARGET
+    if not (destination / ENTRY).is_file():
+        shutil.copytree(_mathjax_source(), destination, dirs_exist_ok=True)
+
+
+def setup(app: Sphinx) -> dict:
+    app.connect("config-inited", _use_local_copy)
+    app.connect("build-finished", _copy)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
