@@ -111,6 +111,12 @@ def linear_regression_sgd(
     return {"w": w, "b": np.float64(b), "loss": np.array(losses), "examples": np.array(seen)}
 
 
+def steps_to_reach(losses: Iterable[float], tolerance: float) -> int | None:
+    """Index of the first loss below ``tolerance``, or ``None`` if it never gets there."""
+    below = np.flatnonzero(np.asarray(losses, dtype=np.float64) < tolerance)
+    return int(below[0]) if below.size else None
+
+
 # --------------------------------------------------------------------------- torch optimisers
 def _check_lr(owner: str, lr: float) -> None:
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
@@ -261,6 +267,8 @@ def optimize(
     ``make_optimizer`` receives the list of parameters (one float64 tensor holding the
     point) and returns the optimiser, e.g. ``lambda p: Adam(p, lr=0.1)``. Returns the
     iterates, shape ``[steps + 1, dim]``, and ``fn`` at each of them, shape ``[steps + 1]``.
+    A run that diverges (the loss becomes inf or nan) stops there, so both arrays end
+    at the first non-finite loss.
     """
     x = torch.tensor(list(x0), dtype=torch.float64, requires_grad=True)
     optimizer = make_optimizer([x])
@@ -268,8 +276,10 @@ def optimize(
     for _ in range(steps):
         optimizer.zero_grad()
         loss = fn(x)
-        loss.backward()
         losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            return torch.stack(path).numpy(), np.array(losses)
+        loss.backward()
         optimizer.step()
         path.append(x.detach().clone())
     losses.append(fn(x).item())

@@ -140,3 +140,16 @@ def test_optimize_follows_the_optimizer_and_test_functions_have_their_minima():
     assert optim.ill_conditioned_quadratic(np.zeros(2)) == 0
     assert optim.rosenbrock(np.ones(2)) == 0
     assert optim.ill_conditioned_quadratic(np.array([0.0, 1.0]), condition=20) == 10
+
+
+def test_steps_to_reach():
+    assert optim.steps_to_reach([3.0, 2.0, 0.5, 0.1], 1.0) == 2
+    assert optim.steps_to_reach([3.0, 2.0], 1.0) is None
+    assert optim.steps_to_reach(np.array([np.nan, 0.0]), 1.0) == 1
+
+
+def test_optimize_stops_at_divergence():
+    path, losses = optim.optimize(optim.rosenbrock, [-1.5, 2.0], lambda p: optim.SGD(p, lr=3e-3), 2000)
+    assert not np.isfinite(losses[-1])
+    assert np.all(np.isfinite(losses[:-1]))
+    assert len(path) == len(losses) < 2001
