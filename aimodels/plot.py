@@ -107,8 +107,13 @@ def box_diagram(
             arrowprops={"arrowstyle": "->", "color": "#333333", "linewidth": 1.2},
         )
         if label:
-            ax.text((a[0] + b[0]) / 2, (a[1] + b[1]) / 2, label, fontsize=8, color="#7a2e0e",
-                    ha="center", va="bottom", backgroundcolor="white")
+            mid_x, mid_y = (a[0] + b[0]) / 2, (a[1] + b[1]) / 2
+            if abs(b[0] - a[0]) >= abs(b[1] - a[1]):  # mostly horizontal: label above
+                ax.text(mid_x, mid_y + 0.08, label, fontsize=8, color="#7a2e0e",
+                        ha="center", va="bottom")
+            else:  # mostly vertical: label to the right
+                ax.text(mid_x + 0.1, mid_y, label, fontsize=8, color="#7a2e0e",
+                        ha="left", va="center")
     xs = [x for x, _, _ in boxes.values()]
     ys = [y for _, y, _ in boxes.values()]
     ax.set_xlim(min(xs) - w, max(xs) + w)

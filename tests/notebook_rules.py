@@ -31,7 +31,8 @@ def markdown(nb: dict) -> str:
 
 def _body_fingerprint(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> str | None:
     body = list(node.body)
-    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+    first = body[0] if body else None
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
         body = body[1:]  # a docstring does not make a body different
     if len(body) < MIN_STATEMENTS:
         return None

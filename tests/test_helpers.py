@@ -90,10 +90,10 @@ def test_number_checkers_accept_right_and_hint_on_slips(capsys):
 
 def test_code_checkers():
     def right(sizes):
-        return sum(a * b + b for a, b in zip(sizes, sizes[1:]))
+        return sum(a * b + b for a, b in zip(sizes, sizes[1:], strict=False))
 
     def no_bias(sizes):
-        return sum(a * b for a, b in zip(sizes, sizes[1:]))
+        return sum(a * b for a, b in zip(sizes, sizes[1:], strict=False))
 
     assert exercises.check_mlp_parameters(right)
     assert not exercises.check_mlp_parameters(no_bias)

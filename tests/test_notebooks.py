@@ -8,7 +8,6 @@ import re
 
 import pytest
 import yaml
-
 from notebook_rules import (
     NOTEBOOK_NAME,
     ROOT,
@@ -80,9 +79,9 @@ def test_no_helper_copied_from_aimodels(path):
 
 
 def test_copy_detector_catches_a_pasted_helper():
-    from aimodels import optim
-
     import inspect
+
+    from aimodels import optim
 
     pasted = inspect.getsource(optim.gradient_descent).replace("def gradient_descent", "def my_gd")
     fake = {"cells": [{"cell_type": "code", "source": "import numpy as np\n" + pasted}]}
