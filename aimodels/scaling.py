@@ -105,6 +105,37 @@ def transformer_parameters(
     return n_layers * per_layer + embeddings + extras
 
 
+class TransformerShaped(nn.Module):
+    """A BERT-style encoder assembled from PyTorch's own layers, used to check the counting.
+
+    Token, position and segment embeddings, a LayerNorm, ``n_layers`` of
+    ``nn.TransformerEncoderLayer`` and a pooler: the layout that
+    :func:`transformer_parameters` describes with ``embedding_norm=True`` and
+    ``pooler=True``. It exists to be counted, so it has no ``forward``.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        d_model: int,
+        vocab_size: int,
+        n_heads: int,
+        d_ff: int,
+        max_positions: int,
+        n_token_types: int = 2,
+    ) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model must be divisible by n_heads, got {d_model} and {n_heads}")
+        self.token_embedding = nn.Embedding(vocab_size, d_model)
+        self.position_embedding = nn.Embedding(max_positions, d_model)
+        self.segment_embedding = nn.Embedding(n_token_types, d_model)
+        self.embedding_norm = nn.LayerNorm(d_model)
+        block = nn.TransformerEncoderLayer(d_model, n_heads, d_ff, batch_first=True)
+        self.encoder = nn.TransformerEncoder(block, n_layers, enable_nested_tensor=False)
+        self.pooler = nn.Linear(d_model, d_model)
+
+
 def bytes_per_element(dtype: str | torch.dtype) -> float:
     """Bytes one value takes in ``dtype`` (a ``torch.dtype`` or a name such as ``"bf16"``)."""
     if isinstance(dtype, torch.dtype):

@@ -30,32 +30,22 @@ def test_gpt2_small_from_its_configuration():
     assert n == 124_439_808
 
 
-def _bert_like(n_layers, d, heads, d_ff, vocab, positions, types):
-    class BertLike(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.tokens = nn.Embedding(vocab, d)
-            self.positions = nn.Embedding(positions, d)
-            self.types = nn.Embedding(types, d)
-            self.norm = nn.LayerNorm(d)
-            layer = nn.TransformerEncoderLayer(d, heads, d_ff, batch_first=True)
-            self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
-            self.pooler = nn.Linear(d, d)
-
-    return BertLike()
-
-
 @pytest.mark.parametrize("n_layers,d,heads,d_ff,vocab", [(2, 64, 4, 256, 1000), (3, 48, 6, 100, 77)])
 def test_formula_equals_a_pytorch_model_built_from_the_same_configuration(
     n_layers, d, heads, d_ff, vocab
 ):
-    model = _bert_like(n_layers, d, heads, d_ff, vocab, positions=128, types=2)
+    model = scaling.TransformerShaped(n_layers, d, vocab, heads, d_ff, max_positions=128)
     expected = scaling.count_parameters(model)
     got = scaling.transformer_parameters(
         n_layers, d, vocab, d_ff=d_ff, max_positions=128, n_token_types=2,
         embedding_norm=True, pooler=True,
     )
     assert got == expected
+
+
+def test_transformer_shaped_rejects_bad_heads():
+    with pytest.raises(ValueError, match="divisible by n_heads, got 10 and 3"):
+        scaling.TransformerShaped(1, 10, 5, 3, 20, 8)
 
 
 def test_untied_output_and_no_bias_options():
