@@ -60,7 +60,8 @@ def test_lenet5_has_61706_parameters():
 
 
 def test_resnet50_has_25557032_parameters():
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision  # a core dependency: a missing install must fail here, not skip
+
     assert scaling.count_parameters(torchvision.models.resnet50(weights=None)) == 25_557_032
 
 
