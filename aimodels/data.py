@@ -31,3 +31,39 @@ def diabetes_regression(test_fraction: float = 0.2, seed: int = 0) -> dict[str, 
         "X_test": (X_test - x_mean) / x_std,
         "y_test": (y_test - y_mean) / y_std,
     }
+
+
+def digits(size: int = 8, test_fraction: float = 0.2, seed: int = 0) -> dict:
+    """scikit-learn's handwritten digits as tensors, split into train and test.
+
+    1,797 grey-scale images of the digits 0-9, 8×8 pixels with values 0-16, shipped
+    with scikit-learn (a copy of the UCI optical digits test set). Pixels are scaled to
+    [0, 1]. With ``size=32`` the images are enlarged by bilinear interpolation to the
+    32×32 input of LeNet-5. Returns ``X_train, y_train, X_test, y_test`` with images of
+    shape ``[n, 1, size, size]`` (float32) and labels of shape ``[n]`` (int64).
+    The split is stratified, so every class keeps its share in both parts.
+    """
+    import torch
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if not isinstance(size, int) or size < 8:
+        raise ValueError(f"size must be an int >= 8 (the images are 8x8), got {size!r}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    if size != 8:
+        images = torch.nn.functional.interpolate(
+            images, size=(size, size), mode="bilinear", align_corners=False
+        )
+    labels = torch.tensor(bunch.target, dtype=torch.int64)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=bunch.target
+    )
+    return {
+        "X_train": images[train_idx],
+        "y_train": labels[train_idx],
+        "X_test": images[test_idx],
+        "y_test": labels[test_idx],
+    }

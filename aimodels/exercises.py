@@ -157,3 +157,61 @@ def check_adam_first_step(answer: object) -> bool:
     )
 
 
+
+
+# --------------------------------------------------------------------------- Chapter 3
+def check_ce_grad(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
+    """Ch. 3, exercise 1: ``fn(logits, targets)`` returns d(mean cross-entropy)/d(logits)."""
+    g = torch.Generator().manual_seed(0)
+    for batch, classes in ((1, 2), (4, 3), (16, 10)):
+        logits = torch.randn(batch, classes, generator=g, dtype=torch.float64) * 5
+        logits.requires_grad_(True)
+        targets = torch.randint(0, classes, (batch,), generator=g)
+        torch.nn.functional.cross_entropy(logits, targets).backward()
+        got = fn(logits.detach(), targets)
+        if not isinstance(got, torch.Tensor) or got.shape != logits.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            return _report(False, f"expected a tensor of shape {tuple(logits.shape)}, got {shape}.")
+        if not torch.allclose(got, logits.grad, atol=1e-8):
+            if torch.allclose(got, logits.grad * batch, atol=1e-8):
+                hint = "the loss is a *mean* over the batch: divide by the batch size."
+            elif torch.allclose(got, -logits.grad, atol=1e-8):
+                hint = "the sign is flipped: the gradient is softmax(logits) - onehot(targets)."
+            else:
+                hint = "the gradient is (softmax(logits) - onehot(targets)) / batch."
+            return _report(False, f"wrong for a batch of {batch} with {classes} classes. Hint: {hint}")
+    return _report(True, "your gradient matches autograd for all batch and class sizes.")
+
+
+def check_double_softmax_floor(answer: object) -> bool:
+    """Ch. 3, exercise 2: lowest CrossEntropyLoss with 10 classes when fed probabilities."""
+    expected = math.log(math.e + 9) - 1
+    return _grade_number(
+        "loss floor", answer, expected,
+        {0.0: "the inputs are probabilities in [0, 1], so the best logit gap is 1, not infinite.",
+         math.log(10): "that is the loss of a uniform guess; the model can still do a bit better.",
+         -math.log(math.e / (math.e + 1)): "there are 9 wrong classes, each contributing e^0 = 1."},
+        rel=1e-3,
+    )
+
+
+def check_numerical_grad(fn: Callable[..., torch.Tensor]) -> bool:
+    """Ch. 3, exercise 3: ``fn(f, x, h)`` returns the central-difference gradient of f at x."""
+    cases = [
+        (lambda x: (x**2).sum(), torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)),
+        (lambda x: torch.sin(x).prod(), torch.tensor([0.3, 1.1], dtype=torch.float64)),
+        (lambda x: torch.logsumexp(x, 0), torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)),
+    ]
+    for f, x in cases:
+        leaf = x.clone().requires_grad_(True)
+        f(leaf).backward()
+        got = fn(f, x.clone(), 1e-6)
+        if not isinstance(got, torch.Tensor) or got.shape != x.shape:
+            return _report(False, f"expected a tensor of shape {tuple(x.shape)}.")
+        if not torch.allclose(got, leaf.grad, atol=1e-6):
+            return _report(
+                False,
+                f"at x={x.tolist()} got {got.tolist()}, autograd says {leaf.grad.tolist()}. Hint: "
+                "perturb one coordinate at a time: (f(x + h e_i) - f(x - h e_i)) / (2h).",
+            )
+    return _report(True, "your finite differences agree with autograd to 1e-6.")
