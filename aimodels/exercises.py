@@ -179,7 +179,8 @@ def check_ce_grad(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> b
                 hint = "the sign is flipped: the gradient is softmax(logits) - onehot(targets)."
             else:
                 hint = "the gradient is (softmax(logits) - onehot(targets)) / batch."
-            return _report(False, f"wrong for a batch of {batch} with {classes} classes. Hint: {hint}")
+            where = f"a batch of {batch} with {classes} classes"
+            return _report(False, f"wrong for {where}. Hint: {hint}")
     return _report(True, "your gradient matches autograd for all batch and class sizes.")
 
 

@@ -113,3 +113,27 @@ def test_code_checkers():
             param.addcdiv_(grad, state["sum"].add(group["eps"]), value=-group["lr"])
 
     assert not exercises.check_adagrad(NoSquare)
+
+
+def test_chapter3_checkers(capsys):
+    import math
+
+    def right(z, y):
+        return (torch.softmax(z, 1) - torch.nn.functional.one_hot(y, z.shape[1])) / z.shape[0]
+
+    assert exercises.check_ce_grad(right)
+    assert not exercises.check_ce_grad(lambda z, y: right(z, y) * z.shape[0])
+    assert "mean" in capsys.readouterr().out
+    assert exercises.check_double_softmax_floor(math.log(math.e + 9) - 1)
+    assert not exercises.check_double_softmax_floor(math.log(10))
+
+    def central(f, x, h):
+        grad = torch.zeros_like(x)
+        for i in range(x.numel()):
+            step = torch.zeros_like(x)
+            step[i] = h
+            grad[i] = (f(x + step) - f(x - step)) / (2 * h)
+        return grad
+
+    assert exercises.check_numerical_grad(central)
+    assert not exercises.check_numerical_grad(lambda f, x, h: torch.zeros_like(x))
