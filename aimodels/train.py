@@ -91,7 +91,7 @@ def fit(
         raise ValueError(f"X and y must have the same length, got {X.shape[0]} and {y.shape[0]}")
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     generator = torch.Generator().manual_seed(seed)
     history: dict[str, list[float]] = {"loss": [], "grad_norm": []}
