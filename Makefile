@@ -57,6 +57,7 @@ execute: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_optim.py
+	$(BIN)/python benchmarks/bench_conv.py
 
 clean:
 	rm -rf _build .pytest_cache .ruff_cache

@@ -1,8 +1,24 @@
-"""Offline datasets: data that ships inside installed packages, or that we generate."""
+"""Datasets. Offline: data that ships inside installed packages, or that we generate.
+Online: MNIST and CIFAR-10 through torchvision, with a clear error when they are absent.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are missing (or corrupt) and cannot be downloaded here."""
 
 
 def diabetes_regression(test_fraction: float = 0.2, seed: int = 0) -> dict[str, np.ndarray]:
@@ -67,3 +83,85 @@ def digits(size: int = 8, test_fraction: float = 0.2, seed: int = 0) -> dict:
         "X_test": images[test_idx],
         "y_test": labels[test_idx],
     }
+
+
+def _missing(name: str, folder: Path, missing: list[str], offline: str, cause: str = "") -> str:
+    return (
+        f"{name} is not available: {len(missing)} file(s) missing from {folder}: "
+        f"{', '.join(missing)}.{cause} To get it, call this function with download=True on a "
+        f"machine with internet access, or copy the extracted files into that folder. "
+        f"To work offline instead, use {offline}."
+    )
+
+
+def mnist(root: str | Path, train: bool = True, download: bool = False, transform=None):
+    """MNIST (LeCun et al., 1998) through ``torchvision.datasets.MNIST``.
+
+    Expects the four extracted files of :data:`MNIST_FILES` in ``root/MNIST/raw``.
+    Without them, and without ``download=True``, raises :class:`DatasetNotFoundError`
+    naming the folder, the missing files and the offline alternative. Images come as
+    ``[1, 28, 28]`` float tensors in [0, 1] unless another ``transform`` is given.
+    """
+    from torchvision import datasets, transforms
+
+    folder = Path(root) / "MNIST" / "raw"
+    missing = [f for f in MNIST_FILES if not (folder / f).is_file()]
+    offline = "aimodels.data.digits(size=28), the 8x8 digits enlarged to MNIST's size"
+    if missing and not download:
+        raise DatasetNotFoundError(_missing("MNIST", folder, missing, offline))
+    try:
+        return datasets.MNIST(
+            str(root), train=train, download=download, transform=transform or transforms.ToTensor()
+        )
+    except (RuntimeError, OSError) as exc:  # no network, or a broken download
+        raise DatasetNotFoundError(
+            _missing("MNIST", folder, missing or list(MNIST_FILES), offline, f" ({exc})")
+        ) from exc
+
+
+def cifar10(
+    root: str | Path,
+    train: bool = True,
+    download: bool = False,
+    transform=None,
+    verify_checksums: bool = True,
+):
+    """CIFAR-10 (Krizhevsky, 2009) through ``torchvision.datasets.CIFAR10``.
+
+    Expects the extracted python version in ``root/cifar-10-batches-py``. torchvision
+    checks each file's MD5 checksum before unpickling it; ``verify_checksums=False``
+    only checks that the files exist. Use it for files you made yourself (the tests
+    write tiny ones): unpickling a file runs code, so never use it on files you did
+    not make or verify.
+    """
+    from torchvision import datasets, transforms
+
+    folder = Path(root) / "cifar-10-batches-py"
+    missing = [f for f in CIFAR10_FILES if not (folder / f).is_file()]
+    offline = "aimodels.data.digits(size=32), which LeNet-5 accepts too"
+    if missing and not download:
+        raise DatasetNotFoundError(_missing("CIFAR-10", folder, missing, offline))
+    dataset_class = datasets.CIFAR10 if verify_checksums else _unchecked_cifar10_class()
+    try:
+        return dataset_class(
+            str(root), train=train, download=download, transform=transform or transforms.ToTensor()
+        )
+    except (RuntimeError, OSError) as exc:
+        raise DatasetNotFoundError(
+            f"CIFAR-10 files in {folder} are missing or fail their MD5 checksum ({exc}). "
+            f"Download them again with download=True, or use {offline}."
+        ) from exc
+
+
+def _unchecked_cifar10_class():
+    from torchvision import datasets
+
+    class UncheckedCIFAR10(datasets.CIFAR10):
+        """CIFAR-10 whose files are only checked for existence (md5 None)."""
+
+        train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
+        test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
+        meta = {**datasets.CIFAR10.meta, "md5": None}
+
+    return UncheckedCIFAR10
+

@@ -216,3 +216,64 @@ def check_numerical_grad(fn: Callable[..., torch.Tensor]) -> bool:
                 "perturb one coordinate at a time: (f(x + h e_i) - f(x - h e_i)) / (2h).",
             )
     return _report(True, "your finite differences agree with autograd to 1e-6.")
+
+
+# --------------------------------------------------------------------------- Chapter 4
+def check_conv_output_size(fn: Callable[[int, int, int, int], int]) -> bool:
+    """Ch. 4, exercise 1: ``fn(size, kernel, stride, padding)`` gives the output length."""
+    from aimodels.cnn import output_size
+
+    cases = [(32, 5, 1, 0), (28, 2, 2, 0), (7, 3, 2, 1), (224, 7, 2, 3), (10, 4, 3, 0),
+             (5, 5, 1, 2)]
+    for size, kernel, stride, padding in cases:
+        expected = output_size(size, kernel, stride, padding)
+        got = fn(size, kernel, stride, padding)
+        if got != expected:
+            if got == (size + padding - kernel) // stride + 1:
+                hint = "padding is added on both sides: 2p, not p."
+            elif isinstance(got, float):
+                hint = "the result must be a whole number: round down with //."
+            else:
+                hint = "count how many kernel positions fit: floor((n + 2p - k) / s) + 1."
+            where = f"size={size}, kernel={kernel}, stride={stride}, padding={padding}"
+            return _report(False, f"{where}: got {got!r}, expected {expected}. Hint: {hint}")
+    return _report(True, f"all {len(cases)} cases right.")
+
+
+def check_receptive_field(answer: object) -> bool:
+    """Ch. 4, exercise 2: receptive field of three 3×3 convolutions, stride 1, then 2×2 pooling."""
+    from aimodels.cnn import receptive_field
+
+    expected = receptive_field([(3, 1), (3, 1), (3, 1), (2, 2)])
+    return _grade_number(
+        "receptive field", answer, expected,
+        {11.0: "stacked kernels widen the field by k - 1 each, not by k.",
+         7.0: "the pooling layer widens it too: by (2 - 1) times the strides below it.",
+         9.0: "a layer's own stride only multiplies the layers *above* it."},
+        rel=1e-9,
+    )
+
+
+def check_conv2d(fn: Callable[..., torch.Tensor]) -> bool:
+    """Ch. 4, exercise 3: ``fn(x, weight, bias, stride, padding)`` matches ``F.conv2d``."""
+    g = torch.Generator().manual_seed(0)
+    for n, c, o, size, k, stride, padding in ((1, 1, 1, 6, 3, 1, 0), (2, 3, 4, 9, 3, 2, 1),
+                                               (2, 2, 3, 8, 2, 1, 2)):
+        x = torch.randn(n, c, size, size, generator=g, dtype=torch.float64)
+        weight = torch.randn(o, c, k, k, generator=g, dtype=torch.float64)
+        bias = torch.randn(o, generator=g, dtype=torch.float64)
+        expected = torch.nn.functional.conv2d(x, weight, bias, stride=stride, padding=padding)
+        got = fn(x, weight, bias, stride, padding)
+        if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            return _report(False, f"expected shape {tuple(expected.shape)}, got {shape} (stride="
+                                  f"{stride}, padding={padding}). Hint: check the output size.")
+        if not torch.allclose(got, expected, atol=1e-8):
+            flipped = torch.nn.functional.conv2d(x, weight.flip(2, 3), bias, stride=stride,
+                                                 padding=padding)
+            hint = ("you flipped the kernel (true convolution); deep-learning 'convolution' is "
+                    "cross-correlation, with no flip." if torch.allclose(got, flipped, atol=1e-8)
+                    else "slide each filter over every channel and sum, then add the bias.")
+            where = f"stride={stride}, padding={padding}"
+            return _report(False, f"values differ ({where}). Hint: {hint}")
+    return _report(True, "your convolution matches F.conv2d, stride and padding included.")

@@ -137,3 +137,16 @@ def test_chapter3_checkers(capsys):
 
     assert exercises.check_numerical_grad(central)
     assert not exercises.check_numerical_grad(lambda f, x, h: torch.zeros_like(x))
+
+
+def test_chapter4_checkers(capsys):
+    import torch.nn.functional as F
+
+    assert exercises.check_conv_output_size(lambda n, k, s, p: (n + 2 * p - k) // s + 1)
+    assert not exercises.check_conv_output_size(lambda n, k, s, p: (n + p - k) // s + 1)
+    assert "both sides" in capsys.readouterr().out
+    assert exercises.check_receptive_field(8)
+    assert not exercises.check_receptive_field(7)
+    assert exercises.check_conv2d(lambda x, w, b, s, p: F.conv2d(x, w, b, stride=s, padding=p))
+    assert not exercises.check_conv2d(lambda x, w, b, s, p: F.conv2d(x, w.flip(2, 3), b, stride=s, padding=p))
+    assert "flipped" in capsys.readouterr().out
