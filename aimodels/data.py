@@ -165,3 +165,48 @@ def _unchecked_cifar10_class():
 
     return UncheckedCIFAR10
 
+
+
+def seasonal_series(
+    n_steps: int = 2000, period: int = 24, noise: float = 0.2, seed: int = 0
+) -> np.ndarray:
+    r"""A noisy seasonal time series, such as hourly demand with a daily cycle.
+
+    :math:`y_t = \sin(2\pi t / P) + 0.5 \sin(4\pi t / P + 1) + 0.3\,\sin(2\pi t / (7P))
+    + \varepsilon_t`, with :math:`\varepsilon_t \sim \mathcal N(0, \sigma^2)`: a main
+    cycle of period P, a harmonic, a slow "weekly" cycle and Gaussian noise.
+    """
+    if not isinstance(period, int) or period < 2:
+        raise ValueError(f"period must be an int >= 2, got {period!r}")
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise!r}")
+    t = np.arange(n_steps, dtype=np.float64)
+    signal = (np.sin(2 * np.pi * t / period) + 0.5 * np.sin(4 * np.pi * t / period + 1)
+              + 0.3 * np.sin(2 * np.pi * t / (7 * period)))
+    return signal + noise * np.random.default_rng(seed).standard_normal(n_steps)
+
+
+def forecasting_windows(series: np.ndarray, window: int, test_fraction: float = 0.25) -> dict:
+    """Cut a series into (past ``window`` values -> next value) pairs, split in time.
+
+    The last ``test_fraction`` of the series is held out: every test target comes after
+    every training target, so no future value leaks into training. Returns float32
+    tensors ``X_train, y_train, X_test, y_test`` of shapes ``[n, window, 1]`` and ``[n, 1]``.
+    """
+    import torch
+
+    series = np.asarray(series, dtype=np.float32)
+    if series.ndim != 1 or len(series) <= window + 1:
+        raise ValueError(
+            f"expected a 1-D series longer than window + 1 = {window + 1}, got shape {series.shape}"
+        )
+    X = np.lib.stride_tricks.sliding_window_view(series[:-1], window)  # [n, window]
+    y = series[window:]
+    split = int(len(y) * (1 - test_fraction))
+    to_tensor = lambda a: torch.tensor(np.ascontiguousarray(a))  # noqa: E731
+    return {
+        "X_train": to_tensor(X[:split, :, None]),
+        "y_train": to_tensor(y[:split, None]),
+        "X_test": to_tensor(X[split:, :, None]),
+        "y_test": to_tensor(y[split:, None]),
+    }

@@ -277,3 +277,63 @@ def check_conv2d(fn: Callable[..., torch.Tensor]) -> bool:
             where = f"stride={stride}, padding={padding}"
             return _report(False, f"values differ ({where}). Hint: {hint}")
     return _report(True, "your convolution matches F.conv2d, stride and padding included.")
+
+
+# --------------------------------------------------------------------------- Chapter 5
+def check_rnn_parameters(fn: Callable[[int, int, int], int]) -> bool:
+    """Ch. 5, exercise 1: ``fn(input_size, hidden_size, num_layers)`` counts nn.RNN weights."""
+    for i, h, layers in ((1, 1, 1), (3, 5, 1), (10, 32, 2), (7, 4, 3)):
+        expected = scaling.count_parameters(nn.RNN(i, h, num_layers=layers))
+        got = fn(i, h, layers)
+        if got != expected:
+            if got == expected - layers * h:
+                hint = "nn.RNN has two bias vectors per layer, b_ih and b_hh."
+            elif got == layers * (h * i + h * h + 2 * h):
+                hint = "layers above the first read the hidden state, of size hidden_size."
+            else:
+                hint = "per layer: W_ih (hidden x inputs), W_hh (hidden x hidden), two biases."
+            where = f"input_size={i}, hidden_size={h}, num_layers={layers}"
+            return _report(False, f"{where}: got {got!r}, expected {expected}. Hint: {hint}")
+    return _report(True, "all four configurations counted exactly.")
+
+
+def check_vanishing_steps(answer: object) -> bool:
+    """Ch. 5, exercise 2: steps until a gradient scaled by 0.9 per step falls below 1%."""
+    expected = math.ceil(math.log(0.01) / math.log(0.9))
+    return _grade_number(
+        "steps", answer, expected,
+        {math.log(0.01) / math.log(0.9): "a number of steps is a whole number: round up.",
+         math.floor(math.log(0.01) / math.log(0.9)): "after that many steps the gradient is "
+                                                      "still just above 1%: round up.",
+         10.0: "0.9^10 = 0.35, not 0.01: use logarithms, k = log(0.01) / log(0.9)."},
+        rel=1e-9,
+    )
+
+
+def check_rnn_forward(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Ch. 5, exercise 3: ``fn(x, w_ih, w_hh, b_ih, b_hh, h0=None)`` runs a 1-layer RNN.
+
+    ``x`` is ``[batch, time, features]``; returns ``(output, h_n)`` like ``nn.RNN``.
+    Checked for batch sizes 1, 3 and 8, with and without an initial state.
+    """
+    torch.manual_seed(0)
+    reference = nn.RNN(2, 4, batch_first=True).double()
+    weights = [p.detach() for p in reference.parameters()]
+    for batch in (1, 3, 8):
+        x = torch.randn(batch, 6, 2, dtype=torch.float64)
+        for h0 in (None, torch.randn(1, batch, 4, dtype=torch.float64)):
+            expected_out, expected_h = reference(x, h0)
+            try:
+                got_out, got_h = fn(x, *weights, h0=h0)
+            except Exception as exc:  # a student's error, reported with its batch size
+                return _report(False, f"batch {batch}: your function raised {exc!r}. Hint: build "
+                                      "the zero initial state from x.shape[0], never from 1.")
+            if got_out.shape != expected_out.shape or got_h.shape != expected_h.shape:
+                return _report(False, f"batch {batch}: shapes {tuple(got_out.shape)} and "
+                                      f"{tuple(got_h.shape)}, expected {tuple(expected_out.shape)} "
+                                      f"and {tuple(expected_h.shape)}.")
+            if not (torch.allclose(got_out, expected_out) and torch.allclose(got_h, expected_h)):
+                which = "without" if h0 is None else "with"
+                return _report(False, f"batch {batch} {which} h0: values differ from nn.RNN. Hint: "
+                                      "h_t = tanh(x_t W_ih^T + b_ih + h_(t-1) W_hh^T + b_hh).")
+    return _report(True, "your RNN matches nn.RNN for every batch size, with and without h0.")

@@ -150,3 +150,31 @@ def test_chapter4_checkers(capsys):
     assert exercises.check_conv2d(lambda x, w, b, s, p: F.conv2d(x, w, b, stride=s, padding=p))
     assert not exercises.check_conv2d(lambda x, w, b, s, p: F.conv2d(x, w.flip(2, 3), b, stride=s, padding=p))
     assert "flipped" in capsys.readouterr().out
+
+
+def test_chapter5_checkers(capsys):
+    import math
+
+    def count(i, h, layers):
+        return h * i + h * h + 2 * h + (layers - 1) * (2 * h * h + 2 * h)
+
+    assert exercises.check_rnn_parameters(count)
+    assert not exercises.check_rnn_parameters(lambda i, h, n: count(i, h, n) - n * h)
+    assert "two bias" in capsys.readouterr().out
+    assert exercises.check_vanishing_steps(math.ceil(math.log(0.01) / math.log(0.9)))
+    assert not exercises.check_vanishing_steps(10)
+
+    def run(x, w_ih, w_hh, b_ih, b_hh, h0=None):
+        h = x.new_zeros(x.shape[0], w_hh.shape[0]) if h0 is None else h0[0]
+        states = []
+        for t in range(x.shape[1]):
+            h = torch.tanh(x[:, t] @ w_ih.T + b_ih + h @ w_hh.T + b_hh)
+            states.append(h)
+        return torch.stack(states, 1), h.unsqueeze(0)
+
+    def no_hidden_bias(x, w_ih, w_hh, b_ih, b_hh, h0=None):
+        return run(x, w_ih, w_hh, b_ih, torch.zeros_like(b_hh), h0)
+
+    assert exercises.check_rnn_forward(run)
+    assert not exercises.check_rnn_forward(no_hidden_bias)
+    assert "values differ" in capsys.readouterr().out
