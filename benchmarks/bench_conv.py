@@ -9,17 +9,16 @@ Run with `make bench`.
 
 from __future__ import annotations
 
-import csv
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import write_table
 
 from aimodels import cnn
 
-OUT = Path(__file__).resolve().parents[1] / "book" / "figures" / "bench_conv.csv"
+TABLE = "bench_conv.csv"
 ROUNDS = 7
 LAYERS = {  # name: (input shape, weight shape) for a batch of 64
     "LeNet-5 C1: 1 -> 6 channels, 32x32": ((64, 1, 32, 32), (6, 1, 5, 5)),
@@ -53,12 +52,8 @@ def main() -> None:
             "loops / F.conv2d": f"{median['loops'] / median['torch']:.1f}",
         })
         print(rows[-1])
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    with OUT.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {OUT}")
+    out = write_table(rows, TABLE)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -9,17 +9,16 @@ Run with `make bench`.
 
 from __future__ import annotations
 
-import csv
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from common import write_table
 
 from aimodels import optim
 
-OUT = Path(__file__).resolve().parents[1] / "book" / "figures" / "bench_optim.csv"
+TABLE = "bench_optim.csv"
 ROUNDS, STEPS = 7, 50
 
 PAIRS = {
@@ -66,12 +65,8 @@ def main() -> None:
         rows.append({"optimizer": name, "parameters": n_params,
                      "ours / torch.optim (median time per step)": f"{ratio:.2f}"})
         print(f"{name:<14} ours / torch.optim = {ratio:.2f}  ({n_params:,} parameters)")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    with OUT.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {OUT} (torch {torch.__version__}, {platform.machine()}, 2 threads)")
+    out = write_table(rows, TABLE)
+    print(f"wrote {out} (torch {torch.__version__}, {platform.machine()}, 2 threads)")
 
 
 if __name__ == "__main__":
