@@ -210,3 +210,72 @@ def forecasting_windows(series: np.ndarray, window: int, test_fraction: float = 
         "X_test": to_tensor(X[split:, :, None]),
         "y_test": to_tensor(y[split:, None]),
     }
+
+
+_ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+         "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
+         "eighteen", "nineteen"]
+_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+_DIGITS_ZH = "零一二三四五六七八九"
+
+
+def english_number(n: int) -> str:
+    """British English words for 0 <= n <= 9999: 321 -> "three hundred and twenty-one"."""
+    if not isinstance(n, int) or not 0 <= n <= 9999:
+        raise ValueError(f"english_number covers the integers 0..9999, got {n!r}")
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("-" + _ONES[n % 10] if n % 10 else "")
+    big, rest = (n // 1000, n % 1000) if n >= 1000 else (0, n)
+    parts = [f"{_ONES[big]} thousand"] if big else []
+    if rest >= 100:
+        parts.append(f"{_ONES[rest // 100]} hundred")
+    if rest % 100:
+        parts.append(("and " if parts else "") + english_number(rest % 100))
+    return " ".join(parts)
+
+
+def chinese_number(n: int) -> str:
+    """Chinese numerals for 0 <= n <= 9999: 321 -> "三百二十一", 105 -> "一百零五", 15 -> "十五".
+
+    A zero inside the number is read once as 零 (1005 -> 一千零五); tens after a larger
+    unit keep their 一 (110 -> 一百一十), but 10..19 on their own do not (15 -> 十五).
+    The digit 2 is written 二 throughout; everyday speech often says 两 before 百 and 千.
+    """
+    if not isinstance(n, int) or not 0 <= n <= 9999:
+        raise ValueError(f"chinese_number covers the integers 0..9999, got {n!r}")
+    if n < 10:
+        return _DIGITS_ZH[n]
+    if n < 20:
+        return "十" + (_DIGITS_ZH[n % 10] if n % 10 else "")
+    digits = [n // 1000, n // 100 % 10, n // 10 % 10, n % 10]
+    units = ["千", "百", "十", ""]
+    out, zero_pending, started = [], False, False
+    for digit, unit in zip(digits, units, strict=True):
+        if digit == 0:
+            zero_pending = started
+            continue
+        if zero_pending:
+            out.append("零")
+            zero_pending = False
+        out.append(_DIGITS_ZH[digit] + unit)
+        started = True
+    return "".join(out)
+
+
+def number_translation_pairs(
+    low: int = 1, high: int = 999, test_fraction: float = 0.2, seed: int = 0
+) -> dict[str, list[tuple[int, str, str]]]:
+    """(number, English words, Chinese numerals) triples, split so that test numbers are unseen.
+
+    Every integer in [low, high] appears once; a random ``test_fraction`` of them is held
+    out, so the test set measures translation of numbers never seen in training.
+    """
+    if not 0 <= low < high <= 9999:
+        raise ValueError(f"expected 0 <= low < high <= 9999, got low={low!r}, high={high!r}")
+    numbers = np.random.default_rng(seed).permutation(np.arange(low, high + 1)).tolist()
+    n_test = int(round(len(numbers) * test_fraction))
+    triple = lambda n: (n, english_number(n), chinese_number(n))  # noqa: E731
+    return {"train": [triple(n) for n in sorted(numbers[n_test:])],
+            "test": [triple(n) for n in sorted(numbers[:n_test])]}

@@ -1,0 +1,176 @@
+"""Attention from scratch (Chapter 7): scaled dot-product and multi-head attention.
+
+:func:`scaled_dot_product_attention` follows PyTorch's
+``torch.nn.functional.scaled_dot_product_attention`` (masks, causal flag, scale, fully
+masked rows); :class:`MultiHeadAttention` has the
+parameter names and the call of ``torch.nn.MultiheadAttention``. ``tests/test_attention.py``
+compares both with PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+def attention_bias(
+    query_len: int,
+    key_len: int,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+) -> Tensor:
+    """The additive bias that masks take the form of: 0 where attention is allowed, -inf where not.
+
+    ``attn_mask`` is either boolean (True = may attend, as in ``F.scaled_dot_product_attention``)
+    or a float bias that is added as it is. ``is_causal`` forbids attending to later
+    positions: query i sees keys 0..i.
+    """
+    bias = torch.zeros(query_len, key_len, dtype=dtype, device=device)
+    if is_causal:
+        if attn_mask is not None:
+            raise ValueError("pass either attn_mask or is_causal=True, not both")
+        allowed = torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril()
+        bias = bias.masked_fill(~allowed, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            bias = bias.masked_fill(~attn_mask, float("-inf"))
+        else:
+            bias = bias + attn_mask.to(dtype)
+    return bias
+
+
+def safe_softmax(scores: Tensor, dim: int = -1) -> Tensor:
+    """Softmax that returns zeros for a row whose entries are all -inf, instead of NaN."""
+    weights = torch.softmax(scores, dim=dim)
+    fully_masked = torch.isneginf(scores).all(dim=dim, keepdim=True)
+    return weights.masked_fill(fully_masked, 0.0)
+
+
+def attention_weights(
+    q: Tensor,
+    k: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    r"""The attention weights :math:`\operatorname{softmax}(QK^\top s + B)`, shape ``[..., L, S]``.
+
+    The scale s defaults to :math:`1/\sqrt{d_k}`; ``B`` comes from ``attn_mask`` and
+    ``is_causal`` (see :func:`attention_bias`) and broadcasts over leading dimensions.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    bias = attention_bias(q.shape[-2], k.shape[-2], attn_mask, is_causal, q.dtype, q.device)
+    return safe_softmax(scores + bias)
+
+
+def scaled_dot_product_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    r"""Attention :math:`\operatorname{softmax}\!\big(QK^\top / \sqrt{d_k} + B\big)\, V`.
+
+    ``q`` is ``[..., L, d_k]``, ``k`` is ``[..., S, d_k]`` and ``v`` is ``[..., S, d_v]``;
+    the result is ``[..., L, d_v]``. Same semantics as
+    ``torch.nn.functional.scaled_dot_product_attention`` without dropout: a boolean
+    ``attn_mask`` marks allowed pairs with True, a float one is added to the scores,
+    and a query that may attend to nothing gets a zero output.
+    """
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"expected q [..., L, d], k [..., S, d] and v [..., S, d_v], got {list(q.shape)}, "
+            f"{list(k.shape)} and {list(v.shape)}"
+        )
+    return attention_weights(q, k, attn_mask, is_causal, scale) @ v
+
+
+class MultiHeadAttention(nn.Module):
+    r"""Multi-head attention with ``nn.MultiheadAttention``'s parameters and call.
+
+    Queries, keys and values are projected by one stacked matrix ``in_proj_weight``
+    (``[3E, E]``) and ``in_proj_bias``, split into ``num_heads`` heads of size
+    :math:`E / h`, attended separately, concatenated and projected by ``out_proj``.
+    State dicts load both ways with ``nn.MultiheadAttention(E, h, batch_first=True)``.
+
+    ``forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+    is_causal=False)`` uses PyTorch's conventions for this module: in ``key_padding_mask``
+    (``[B, S]``) and a boolean ``attn_mask`` (``[L, S]``), True means *masked out*.
+    It returns the output ``[B, L, E]`` and, if ``need_weights``, the attention
+    weights averaged over heads, ``[B, L, S]``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, batch_first: bool = True) -> None:
+        super().__init__()
+        if not batch_first:
+            raise ValueError("this implementation is batch-first only: pass batch_first=True")
+        if embed_dim % num_heads:
+            raise ValueError(
+                f"embed_dim must be divisible by num_heads, got {embed_dim} and {num_heads}"
+            )
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        self.batch_first = batch_first
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def _split_heads(self, x: Tensor) -> Tensor:  # [B, T, E] -> [B, h, T, E/h]
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if x.ndim != 3 or x.shape[-1] != self.embed_dim:
+                expected = f"[batch, length, {self.embed_dim}]"
+                raise ValueError(f"expected {name} of shape {expected}, got {list(x.shape)}")
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        q = self._split_heads(query @ w_q.T + b_q)
+        k = self._split_heads(key @ w_k.T + b_k)
+        v = self._split_heads(value @ w_v.T + b_v)
+
+        # One additive bias [B, 1, L, S] from PyTorch's "True = masked out" conventions.
+        length, source = query.shape[1], key.shape[1]
+        bias = torch.zeros(query.shape[0], 1, length, source, dtype=q.dtype, device=q.device)
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                bias = bias.masked_fill(attn_mask, float("-inf"))
+            else:
+                bias = bias + attn_mask.to(q.dtype)
+        elif is_causal:
+            bias = bias + attention_bias(length, source, is_causal=True, dtype=q.dtype,
+                                         device=q.device)
+        if key_padding_mask is not None:
+            if tuple(key_padding_mask.shape) != (query.shape[0], source):
+                raise ValueError(
+                    f"expected key_padding_mask of shape [batch, source length] = "
+                    f"{[query.shape[0], source]}, got {list(key_padding_mask.shape)}"
+                )
+            bias = bias.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+
+        weights = attention_weights(q, k, attn_mask=bias)  # [B, h, L, S]
+        heads = weights @ v  # [B, h, L, E/h]
+        merged = heads.transpose(1, 2).reshape(query.shape[0], length, self.embed_dim)
+        output = self.out_proj(merged)
+        return output, (weights.mean(dim=1) if need_weights else None)

@@ -1,0 +1,190 @@
+"""From text to batches (Chapter 8): tokenizers, byte-level BPE, a vocabulary, padding.
+
+These replace what torchtext used to provide (``get_tokenizer``,
+``build_vocab_from_iterator``, padding iterators): torchtext's last release cannot be
+loaded beside current PyTorch, so the course writes the few pieces it needs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+import torch
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
+SPECIALS = (PAD, UNK, BOS, EOS)
+
+
+# --------------------------------------------------------------------------- simple tokenizers
+def char_tokenize(text: str) -> list[str]:
+    """Every Unicode character is a token."""
+    return list(text)
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def word_tokenize(text: str, lower: bool = True) -> list[str]:
+    """Words and single punctuation marks, optionally lower-cased.
+
+    ``"Twenty-one, please!"`` gives ``['twenty', '-', 'one', ',', 'please', '!']``.
+    """
+    return _WORD.findall(text.lower() if lower else text)
+
+
+# --------------------------------------------------------------------------- byte-level BPE
+_CHUNK = re.compile(r" ?\w+| ?[^\w\s]+|\s+")
+
+
+class BPETokenizer:
+    """Byte-level byte-pair encoding (Sennrich et al., 2016; byte-level as in GPT-2).
+
+    Text is UTF-8 encoded, so the 256 byte values cover every possible string and
+    ``decode(encode(s)) == s`` for any Unicode ``s``, Chinese and emoji included. Training
+    starts from those 256 tokens and repeatedly merges the most frequent adjacent pair
+    into a new token, until ``vocab_size`` tokens exist. Merges never cross the
+    boundaries of pre-split chunks (a word with its leading space, a run of punctuation,
+    a run of white space).
+    """
+
+    def __init__(self, merges: Sequence[tuple[int, int]] = ()) -> None:
+        self.merges: list[tuple[int, int]] = [tuple(m) for m in merges]  # type: ignore[misc]
+        self.ranks = {pair: 256 + i for i, pair in enumerate(self.merges)}
+        self.pieces: dict[int, bytes] = {i: bytes([i]) for i in range(256)}
+        for (a, b), new_id in self.ranks.items():
+            self.pieces[new_id] = self.pieces[a] + self.pieces[b]
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + len(self.merges)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+        """Learn ``vocab_size - 256`` merges from ``texts``."""
+        if not isinstance(vocab_size, int) or vocab_size < 256:
+            raise ValueError(
+                f"vocab_size must be an int >= 256 (the byte tokens), got {vocab_size!r}"
+            )
+        chunk_counts = Counter(chunk for text in texts for chunk in _CHUNK.findall(text))
+        words = {tuple(chunk.encode("utf-8")): n for chunk, n in chunk_counts.items()}
+        merges: list[tuple[int, int]] = []
+        while 256 + len(merges) < vocab_size:
+            pairs: Counter[tuple[int, int]] = Counter()
+            for word, n in words.items():
+                for pair in zip(word, word[1:], strict=False):
+                    pairs[pair] += n
+            if not pairs:
+                break  # every chunk is a single token already
+            best = min(pairs, key=lambda p: (-pairs[p], p))  # most frequent; ties by id
+            new_id = 256 + len(merges)
+            merges.append(best)
+            words = {_merge(word, best, new_id): n for word, n in words.items()}
+        return cls(merges)
+
+    def _encode_chunk(self, ids: list[int]) -> list[int]:
+        while len(ids) > 1:
+            ranked = [(self.ranks.get(pair, float("inf")), i)
+                      for i, pair in enumerate(zip(ids, ids[1:], strict=False))]
+            rank, _ = min(ranked)
+            if rank == float("inf"):
+                break
+            ids = list(_merge(tuple(ids), self.merges[int(rank) - 256], int(rank)))
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``: its UTF-8 bytes, merged in the order they were learned."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        chunks = _CHUNK.findall(text)
+        return [i for chunk in chunks for i in self._encode_chunk(list(chunk.encode("utf-8")))]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of a list of ids; exact inverse of :meth:`encode`."""
+        try:
+            data = b"".join(self.pieces[i] for i in ids)
+        except KeyError as exc:
+            raise ValueError(
+                f"unknown token id {exc.args[0]}; ids must be in [0, {self.vocab_size})"
+            ) from exc
+        return data.decode("utf-8", errors="replace")
+
+    def token_strings(self, ids: Iterable[int]) -> list[str]:
+        """Each token's bytes shown as text (partial UTF-8 sequences shown as escapes)."""
+        return [self.pieces[i].decode("utf-8", errors="backslashreplace") for i in ids]
+
+
+def _merge(word: tuple[int, ...], pair: tuple[int, int], new_id: int) -> tuple[int, ...]:
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- vocabulary
+class Vocab:
+    """Token <-> id mapping; the special tokens come first: <pad>=0, <unk>=1, <bos>=2, <eos>=3.
+
+    Built from a stream of token lists, keeping tokens seen at least ``min_freq`` times,
+    most frequent first (ties alphabetically, so the order is reproducible). An unknown
+    token maps to <unk>.
+    """
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        self.itos = list(SPECIALS) + [t for t in tokens if t not in SPECIALS]
+        if len(set(self.itos)) != len(self.itos):
+            raise ValueError("tokens must be unique")
+        self.stoi = {t: i for i, t in enumerate(self.itos)}
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = range(4)
+
+    @classmethod
+    def build(cls, token_lists: Iterable[Sequence[str]], min_freq: int = 1) -> Vocab:
+        counts = Counter(t for tokens in token_lists for t in tokens)
+        kept = sorted((t for t, n in counts.items() if n >= min_freq),
+                      key=lambda t: (-counts[t], t))
+        return cls(kept)
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def __getitem__(self, token: str) -> int:
+        return self.stoi.get(token, self.unk_id)
+
+    def encode(self, tokens: Sequence[str], add_bos_eos: bool = False) -> list[int]:
+        ids = [self[t] for t in tokens]
+        return [self.bos_id, *ids, self.eos_id] if add_bos_eos else ids
+
+    def decode(self, ids: Iterable[int], strip_specials: bool = True) -> list[str]:
+        tokens = []
+        for i in ids:
+            i = int(i)
+            if strip_specials and i == self.eos_id:
+                break
+            if strip_specials and i in (self.pad_id, self.bos_id):
+                continue
+            tokens.append(self.itos[i])
+        return tokens
+
+
+# --------------------------------------------------------------------------- batching
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack id lists of different lengths into ``[batch, longest]``, padded with ``pad_id``.
+
+    Returns the batch and a boolean mask of the same shape, True at real tokens.
+    """
+    if not sequences:
+        raise ValueError("pad_batch needs at least one sequence")
+    longest = max(len(s) for s in sequences)
+    batch = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        batch[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+    mask = torch.arange(longest)[None, :] < torch.tensor([len(s) for s in sequences])[:, None]
+    return batch, mask

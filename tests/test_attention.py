@@ -1,0 +1,123 @@
+"""Chapter 7: attention from scratch against PyTorch's."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aimodels import attention
+
+
+def _random_mask(generator, shape, kind):
+    if kind == "bool":
+        return torch.rand(shape, generator=generator) > 0.3
+    if kind == "float":
+        return torch.randn(shape, generator=generator, dtype=torch.float64)
+    return None
+
+
+@pytest.mark.parametrize("kind", [None, "bool", "float"])
+def test_sdpa_matches_pytorch_over_random_shapes_and_masks(kind):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        batch, heads, length, source, d_k, d_v = (int(v) for v in torch.randint(1, 7, (6,), generator=g))
+        q = torch.randn(batch, heads, length, d_k, generator=g, dtype=torch.float64)
+        k = torch.randn(batch, heads, source, d_k, generator=g, dtype=torch.float64)
+        v = torch.randn(batch, heads, source, d_v, generator=g, dtype=torch.float64)
+        shape = (length, source) if torch.rand(1, generator=g) < 0.5 else (batch, 1, length, source)
+        mask = _random_mask(g, shape, kind)
+        torch.testing.assert_close(
+            attention.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        )
+
+
+@pytest.mark.parametrize("length,source", [(5, 5), (3, 7), (6, 4)])
+def test_sdpa_causal_and_scale_match_pytorch(length, source):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, length, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, source, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, source, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(attention.scaled_dot_product_attention(q, k, v, is_causal=True),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    torch.testing.assert_close(attention.scaled_dot_product_attention(q, k, v, scale=0.3),
+                               F.scaled_dot_product_attention(q, k, v, scale=0.3))
+
+
+def test_fully_masked_rows_give_zeros_like_pytorch():
+    q, k, v = torch.randn(1, 3, 4), torch.randn(1, 5, 4), torch.randn(1, 5, 2)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1] = False
+    ours = attention.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    assert torch.all(ours[0, 1] == 0)
+
+
+def test_sdpa_errors():
+    with pytest.raises(ValueError, match="either attn_mask or is_causal"):
+        attention.scaled_dot_product_attention(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3),
+                                               attn_mask=torch.ones(2, 2, dtype=torch.bool), is_causal=True)
+    with pytest.raises(ValueError, match=r"expected q \[..., L, d\], k \[..., S, d\]"):
+        attention.scaled_dot_product_attention(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 3))
+
+
+def _pair(embed_dim=16, heads=4):
+    torch.manual_seed(0)
+    reference = nn.MultiheadAttention(embed_dim, heads, batch_first=True)
+    ours = attention.MultiHeadAttention(embed_dim, heads)
+    return ours, reference
+
+
+def test_mha_state_dicts_load_both_ways():
+    ours, reference = _pair()
+    assert list(ours.state_dict()) == ["in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"]
+    assert list(ours.state_dict()) == list(reference.state_dict())
+    ours.load_state_dict(reference.state_dict())
+    other = nn.MultiheadAttention(16, 4, batch_first=True)
+    other.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(other(x, x, x)[0], ours(x, x, x)[0])
+
+
+@pytest.mark.parametrize("masks", ["none", "padding", "bool", "float", "both", "causal"])
+def test_mha_outputs_and_weights_match(masks):
+    ours, reference = _pair()
+    ours.load_state_dict(reference.state_dict())
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 6, 16, generator=g)
+    memory = torch.randn(3, 9, 16, generator=g)
+    padding = torch.zeros(3, 9, dtype=torch.bool)
+    padding[0, -3:] = True
+    padding[2, -1] = True
+    blocked = torch.rand(6, 9, generator=g) > 0.7
+    blocked[:, 0] = False
+    kwargs = {
+        "none": {},
+        "padding": {"key_padding_mask": padding},
+        "bool": {"attn_mask": blocked},
+        "float": {"attn_mask": torch.randn(6, 9, generator=g)},
+        "both": {"attn_mask": blocked, "key_padding_mask": padding},
+        "causal": {},
+    }[masks]
+    if masks == "causal":
+        causal = nn.Transformer.generate_square_subsequent_mask(6)
+        out, weights = ours(x, x, x, attn_mask=causal)
+        ref_out, ref_weights = reference(x, x, x, attn_mask=causal)
+        torch.testing.assert_close(ours(x, x, x, is_causal=True)[0], ref_out)
+    else:
+        out, weights = ours(x, memory, memory, **kwargs)
+        ref_out, ref_weights = reference(x, memory, memory, **kwargs)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(weights, ref_weights)
+
+
+def test_mha_errors():
+    with pytest.raises(ValueError, match="divisible by num_heads, got 10 and 3"):
+        attention.MultiHeadAttention(10, 3)
+    ours = attention.MultiHeadAttention(8, 2)
+    with pytest.raises(ValueError, match=r"expected key of shape \[batch, length, 8\], got \[2, 5, 6\]"):
+        ours(torch.zeros(2, 5, 8), torch.zeros(2, 5, 6), torch.zeros(2, 5, 8))
+    with pytest.raises(ValueError, match=r"key_padding_mask of shape \[batch, source length\] = \[2, 5\]"):
+        ours(torch.zeros(2, 5, 8), torch.zeros(2, 5, 8), torch.zeros(2, 5, 8),
+             key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    assert ours(torch.zeros(2, 5, 8), torch.zeros(2, 5, 8), torch.zeros(2, 5, 8), need_weights=False)[1] is None
