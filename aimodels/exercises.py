@@ -337,3 +337,144 @@ def check_rnn_forward(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> b
                 return _report(False, f"batch {batch} {which} h0: values differ from nn.RNN. Hint: "
                                       "h_t = tanh(x_t W_ih^T + b_ih + h_(t-1) W_hh^T + b_hh).")
     return _report(True, "your RNN matches nn.RNN for every batch size, with and without h0.")
+
+
+# --------------------------------------------------------------------------- Chapter 6
+def check_sinusoidal(fn: Callable[[int, int], torch.Tensor]) -> bool:
+    """Ch. 6, exercise 1: ``fn(max_len, d_model)`` returns the sinusoidal table."""
+    from aimodels.positional import sinusoidal_encoding
+
+    for max_len, d in ((4, 2), (10, 8), (50, 64)):
+        expected = sinusoidal_encoding(max_len, d)
+        got = fn(max_len, d)
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != (max_len, d):
+            return _report(False, f"expected a tensor of shape ({max_len}, {d}).")
+        if not torch.allclose(got.float(), expected, atol=1e-5):
+            swapped = torch.stack([expected[:, 1::2], expected[:, 0::2]], -1).reshape(max_len, d)
+            hint = ("sin goes in the even columns 2i and cos in the odd ones 2i+1."
+                    if torch.allclose(got.float(), swapped, atol=1e-5)
+                    else "the exponent is 2i/d_model, with i the index of the (sin, cos) pair.")
+            return _report(False, f"values differ for max_len={max_len}, d_model={d}. Hint: {hint}")
+    return _report(True, "your table matches the formula.")
+
+
+def check_pe_norm(answer: object) -> bool:
+    """Ch. 6, exercise 2: the squared length PE(p)·PE(p) for d_model = 64, at any position."""
+    return _grade_number(
+        "PE(p)·PE(p)", answer, 32.0,
+        {64.0: "each (sin, cos) *pair* contributes sin² + cos² = 1, and there are d/2 pairs.",
+         1.0: "that is one pair; there are d_model / 2 of them.",
+         math.sqrt(32): "that is the length; the question asks for the squared length."},
+        rel=1e-9,
+    )
+
+
+def check_embedding_matmul(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
+    """Ch. 6, exercise 3: ``fn(ids, weight)`` equals ``F.embedding`` via a one-hot product."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(11, 5, generator=g, dtype=torch.float64)
+    for shape in ((7,), (2, 3), (4, 1)):
+        ids = torch.randint(0, 11, shape, generator=g)
+        expected = torch.nn.functional.embedding(ids, weight)
+        got = fn(ids, weight)
+        if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+            return _report(False, f"ids of shape {shape}: expected shape {tuple(expected.shape)}. "
+                                  "Hint: one_hot(ids, vocab) has shape ids.shape + (vocab,).")
+        if not torch.allclose(got.to(weight.dtype), expected):
+            return _report(False, "values differ. Hint: one_hot(ids, num_classes=weight.shape[0]) "
+                                  "as float, times weight.")
+    return _report(True, "one-hot times the matrix is the embedding lookup.")
+
+
+# --------------------------------------------------------------------------- Chapter 7
+def check_attention(fn: Callable[..., torch.Tensor]) -> bool:
+    """Ch. 7, exercise 1: ``fn(q, k, v)`` is unmasked scaled dot-product attention."""
+    g = torch.Generator().manual_seed(0)
+    cases = (((3, 4), (5, 4), 2), ((2, 6, 8), (2, 6, 8), 8), ((1, 2, 1, 16), (1, 2, 9, 16), 3))
+    for shape_q, shape_k, dv in cases:
+        q = torch.randn(shape_q, generator=g, dtype=torch.float64)
+        k = torch.randn(shape_k, generator=g, dtype=torch.float64)
+        v = torch.randn(*shape_k[:-1], dv, generator=g, dtype=torch.float64)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        got = fn(q, k, v)
+        if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+            return _report(False, f"expected shape {tuple(expected.shape)}. Hint: weights "
+                                  "[..., L, S] times v [..., S, d_v].")
+        if not torch.allclose(got, expected):
+            unscaled = torch.softmax(q @ k.transpose(-2, -1), -1) @ v
+            hint = ("divide the scores by sqrt(d_k) before the softmax."
+                    if torch.allclose(got, unscaled) else
+                    "softmax over the *last* axis (the keys) of q @ k^T / sqrt(d_k).")
+            return _report(False, f"values differ for q {shape_q}. Hint: {hint}")
+    return _report(True, "your attention matches F.scaled_dot_product_attention.")
+
+
+def check_causal_mask(fn: Callable[[int], torch.Tensor]) -> bool:
+    """Ch. 7, exercise 2: ``fn(n)`` is the bool ``[n, n]`` mask, True where attention is allowed."""
+    for n in (1, 2, 5):
+        expected = torch.ones(n, n, dtype=torch.bool).tril()
+        got = fn(n)
+        if not isinstance(got, torch.Tensor) or got.dtype != torch.bool or got.shape != (n, n):
+            return _report(False, f"expected a bool tensor of shape ({n}, {n}).")
+        if not torch.equal(got, expected):
+            hint = ("that is the PyTorch module convention (True = masked out); here True means "
+                    "allowed." if torch.equal(got, ~expected) else
+                    "query i may see keys 0..i: the lower triangle, diagonal included.")
+            return _report(False, f"n={n}: wrong mask. Hint: {hint}")
+    return _report(True, "position i sees positions 0..i.")
+
+
+def check_mha_parameters(fn: Callable[[int], int]) -> bool:
+    """Ch. 7, exercise 3: ``fn(embed_dim)`` counts ``nn.MultiheadAttention``'s parameters."""
+    for e in (4, 64, 512):
+        expected = scaling.count_parameters(nn.MultiheadAttention(e, 4))
+        got = fn(e)
+        if got != expected:
+            per_head = isinstance(got, int) and got == 4 * expected
+            hint = ("the number of heads does not change the count: the heads split the same "
+                    "E x E projections." if per_head else
+                    "four E x E projections (query, key, value, output), each with E biases.")
+            return _report(False, f"embed_dim={e}: got {got!r}, expected {expected}. Hint: {hint}")
+    return _report(True, "4E² + 4E, whatever the number of heads.")
+
+
+# --------------------------------------------------------------------------- Chapter 8
+def check_pad_batch(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Ch. 8, exercise 1: ``fn(sequences, pad_id)`` pads to a tensor and returns the mask too."""
+    from aimodels.text import pad_batch
+
+    for seqs, pad in (([[1, 2, 3], [4]], 0), ([[7], [8, 9]], 5), ([[3, 3]], 0)):
+        expected, expected_mask = pad_batch(seqs, pad)
+        got, got_mask = fn([list(s) for s in seqs], pad)
+        if not (torch.equal(torch.as_tensor(got), expected)
+                and torch.equal(torch.as_tensor(got_mask), expected_mask)):
+            return _report(False, f"{seqs} with pad_id={pad}: expected {expected.tolist()} and "
+                                  f"mask {expected_mask.tolist()}. Hint: pad on the right; "
+                                  "the mask is True at real tokens.")
+    return _report(True, "padding and masks are right.")
+
+
+def check_bpe_merge(fn: Callable[[list[int], tuple[int, int], int], list[int]]) -> bool:
+    """Ch. 8, exercise 2: ``fn(ids, pair, new_id)`` replaces each occurrence of ``pair``."""
+    cases = [([1, 2, 3, 1, 2], (1, 2), 9, [9, 3, 9]), ([1, 1, 1], (1, 1), 7, [7, 1]),
+             ([5], (5, 6), 8, [5]), ([], (1, 2), 3, []), ([2, 1, 2, 1], (1, 2), 4, [2, 4, 1])]
+    for ids, pair, new_id, expected in cases:
+        got = list(fn(list(ids), pair, new_id))
+        if got != expected:
+            hint = ("scan left to right and skip both tokens of a merged pair: (1, 1) in [1, 1, 1] "
+                    "merges once." if ids == [1, 1, 1] else "replace each adjacent occurrence.")
+            return _report(False, f"{ids} with {pair} -> {new_id}: got {got}, expected {expected}. "
+                                  f"Hint: {hint}")
+    return _report(True, "your merge matches the tokenizer's.")
+
+
+def check_chinese_number(fn: Callable[[int], str]) -> bool:
+    """Ch. 8, exercise 3: a rule-based ``fn(n)`` for Chinese numerals, 1 <= n <= 999."""
+    from aimodels.data import chinese_number
+
+    for n in range(1, 1000):
+        if fn(n) != chinese_number(n):
+            return _report(False, f"n={n}: got {fn(n)!r}, expected {chinese_number(n)!r}. Hint: "
+                                  "a zero between digits is read as 零 once; tens after 百 keep "
+                                  "their 一 (一百一十).")
+    return _report(True, "all 999 numbers right: the rules the model had to learn.")

@@ -178,3 +178,29 @@ def test_chapter5_checkers(capsys):
     assert exercises.check_rnn_forward(run)
     assert not exercises.check_rnn_forward(no_hidden_bias)
     assert "values differ" in capsys.readouterr().out
+
+
+def test_chapter6_to_8_checkers(capsys):
+    import torch.nn.functional as F
+
+    from aimodels import data, positional, text
+
+    assert exercises.check_sinusoidal(positional.sinusoidal_encoding)
+    assert not exercises.check_sinusoidal(lambda n, d: positional.sinusoidal_encoding(n, d).flip(1))
+    assert exercises.check_pe_norm(32)
+    assert not exercises.check_pe_norm(64)
+    assert exercises.check_embedding_matmul(lambda ids, w: F.one_hot(ids, w.shape[0]).to(w.dtype) @ w)
+    assert not exercises.check_embedding_matmul(lambda ids, w: F.one_hot(ids, w.shape[0]).to(w.dtype) @ w * 2)
+    assert exercises.check_attention(lambda q, k, v: F.scaled_dot_product_attention(q, k, v))
+    assert not exercises.check_attention(lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1), -1) @ v)
+    assert "sqrt(d_k)" in capsys.readouterr().out
+    assert exercises.check_causal_mask(lambda n: torch.ones(n, n, dtype=torch.bool).tril())
+    assert not exercises.check_causal_mask(lambda n: ~torch.ones(n, n, dtype=torch.bool).tril())
+    assert exercises.check_mha_parameters(lambda e: 4 * e * e + 4 * e)
+    assert not exercises.check_mha_parameters(lambda e: 3 * e * e + 3 * e)
+    assert exercises.check_pad_batch(text.pad_batch)
+    assert not exercises.check_pad_batch(lambda seqs, pad: text.pad_batch([s[::-1] for s in seqs], pad))
+    assert exercises.check_bpe_merge(lambda ids, pair, new: list(text._merge(tuple(ids), pair, new)))
+    assert not exercises.check_bpe_merge(lambda ids, pair, new: ids)
+    assert exercises.check_chinese_number(data.chinese_number)
+    assert not exercises.check_chinese_number(lambda n: data.chinese_number(n).replace("零", ""))
