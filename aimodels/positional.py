@@ -25,7 +25,8 @@ def frequencies(d_model: int, base: float = 10000.0) -> Tensor:
     return base ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
 
 
-def sinusoidal_encoding(max_len: int, d_model: int, base: float = 10000.0) -> Tensor:
+def sinusoidal_encoding(max_len: int, d_model: int, base: float = 10000.0,
+                        dtype: torch.dtype = torch.float32) -> Tensor:
     r"""The table ``PE[max_len, d_model]`` of Vaswani et al. (2017).
 
     :math:`PE_{p,2i} = \sin(p\,\omega_i)` and :math:`PE_{p,2i+1} = \cos(p\,\omega_i)` with
@@ -39,7 +40,7 @@ def sinusoidal_encoding(max_len: int, d_model: int, base: float = 10000.0) -> Te
     table = torch.empty(max_len, d_model, dtype=torch.float64)
     table[:, 0::2] = torch.sin(angles)
     table[:, 1::2] = torch.cos(angles)
-    return table.float()
+    return table.to(dtype)
 
 
 def shift_matrix(k: int, d_model: int, base: float = 10000.0) -> Tensor:
@@ -125,12 +126,16 @@ class PositionProbe(nn.Module):
     Embeds tokens, applies ``position`` (a module that maps ``[B, T, d]`` to ``[B, T, d]``,
     or ``None`` for no position information), runs one self-attention layer, averages
     over positions and classifies. Averaging forgets the order, so any order-dependent
-    task can only be solved through the positional encoding.
+    task can only be solved through the positional encoding. With
+    ``position_reads_tokens=True`` the module is called as ``position(x, tokens)``, which
+    lets Chapter 6 reproduce the bug of indexing positions by token id.
     """
 
     def __init__(self, vocab_size: int, d_model: int, num_classes: int,
-                 position: nn.Module | None, num_heads: int = 4) -> None:
+                 position: nn.Module | None, num_heads: int = 4,
+                 position_reads_tokens: bool = False) -> None:
         super().__init__()
+        self.position_reads_tokens = position_reads_tokens
         from aimodels.attention import MultiHeadAttention
 
         self.embed = nn.Embedding(vocab_size, d_model)
@@ -141,7 +146,8 @@ class PositionProbe(nn.Module):
         self.head = nn.Linear(d_model, num_classes)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        x = self.position(self.embed(tokens))
+        x = self.embed(tokens)
+        x = self.position(x, tokens) if self.position_reads_tokens else self.position(x)
         x = x + self.attention(x, x, x, need_weights=False)[0]
         x = x + self.feed_forward(x)
         return self.head(x.mean(dim=1))
