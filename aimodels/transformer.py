@@ -206,3 +206,41 @@ def train_seq2seq(
             total += loss.item() * len(idx)
         history.append(total / src.shape[0])
     return history
+
+
+class EncoderTagger(nn.Module):
+    """An encoder-only Transformer that predicts one output token per input position.
+
+    Embedding (scaled by sqrt(d)) plus sinusoidal positions, ``num_layers`` of our
+    :class:`EncoderBlock`, a final LayerNorm and a linear head. :meth:`attention_maps`
+    returns each layer's attention weights (averaged over heads) for plotting.
+    """
+
+    def __init__(self, vocab_size: int, num_classes: int, d_model: int = 32, nhead: int = 4,
+                 num_layers: int = 1, dim_feedforward: int = 64, max_len: int = 64) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.position = SinusoidalPositionalEncoding(d_model, max_len)
+        self.blocks = nn.ModuleList(
+            EncoderBlock(d_model, nhead, dim_feedforward, dropout=0.0) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits ``[batch, classes, length]``, the layout ``nn.CrossEntropyLoss`` expects."""
+        x = self.position(self.embed(tokens) * self.d_model**0.5)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)).transpose(1, 2)
+
+    @torch.no_grad()
+    def attention_maps(self, tokens: Tensor) -> list[Tensor]:
+        """Attention weights of every layer, each ``[batch, length, length]``."""
+        maps = []
+        x = self.position(self.embed(tokens) * self.d_model**0.5)
+        for block in self.blocks:
+            h = block.norm1(x)
+            maps.append(block.self_attn(h, h, h, need_weights=True)[1])
+            x = block(x)
+        return maps
