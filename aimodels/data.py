@@ -279,3 +279,28 @@ def number_translation_pairs(
     triple = lambda n: (n, english_number(n), chinese_number(n))  # noqa: E731
     return {"train": [triple(n) for n in sorted(numbers[n_test:])],
             "test": [triple(n) for n in sorted(numbers[:n_test])]}
+
+
+def stdlib_corpus(max_chars: int = 200_000) -> str:
+    """Text from the Python standard library's own source files: a corpus every machine has.
+
+    Reads the top-level ``*.py`` files of the running Python's standard library in
+    alphabetical order until ``max_chars`` characters are collected. The text differs a
+    little between Python versions, so results computed from it are not byte-identical
+    across versions.
+    """
+    import sysconfig
+
+    if not isinstance(max_chars, int) or max_chars < 1:
+        raise ValueError(f"max_chars must be a positive int, got {max_chars!r}")
+    folder = Path(sysconfig.get_paths()["stdlib"])
+    pieces, total = [], 0
+    for path in sorted(folder.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        pieces.append(text[: max_chars - total])
+        total += len(pieces[-1])
+        if total >= max_chars:
+            break
+    if not pieces:
+        raise FileNotFoundError(f"no Python source files in the standard library folder {folder}")
+    return "".join(pieces)
