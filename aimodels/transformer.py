@@ -19,6 +19,11 @@ from aimodels.positional import SinusoidalPositionalEncoding
 Tensor = torch.Tensor
 
 
+def feed_forward(block: nn.Module, x: Tensor) -> Tensor:
+    r"""A block's feed-forward network, :math:`W_2\, \text{ReLU}(W_1 x + b_1) + b_2`."""
+    return block.linear2(block.dropout(torch.relu(block.linear1(x))))
+
+
 class EncoderBlock(nn.Module):
     r"""Pre-LN encoder block: :math:`x \mathrel{+}= \text{SA}(\text{LN}(x))`, then
     :math:`x \mathrel{+}= \text{FFN}(\text{LN}(x))`.
@@ -41,7 +46,7 @@ class EncoderBlock(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
 
     def feed_forward(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(torch.relu(self.linear1(x))))
+        return feed_forward(self, x)
 
     def forward(self, src: Tensor, src_mask: Tensor | None = None,
                 src_key_padding_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
@@ -86,8 +91,7 @@ class DecoderBlock(nn.Module):
         x = x + self.dropout2(self.multihead_attn(h, memory, memory,
                                                   key_padding_mask=memory_key_padding_mask,
                                                   attn_mask=memory_mask, need_weights=False)[0])
-        h = self.norm3(x)
-        return x + self.dropout3(self.linear2(self.dropout(torch.relu(self.linear1(h)))))
+        return x + self.dropout3(feed_forward(self, self.norm3(x)))
 
 
 class Seq2SeqTransformer(nn.Module):

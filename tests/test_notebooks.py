@@ -112,3 +112,26 @@ def test_nbval_sanitize_file_parses():
     for section in config.sections():
         re.compile(config[section]["regex"])
         assert "replace" in config[section]
+
+
+SHOWN = re.compile(r"^`(aimodels/[\w/]+\.py)`, line (\d+):\n\n```python\n(.*?)\n```", re.S)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_displayed_source_is_current(path):
+    """Code shown with show_source must still be the package's code at that line."""
+    shown = 0
+    for cell in code_cells(load(path)):
+        for output in cell.get("outputs", []):
+            markdown_text = "".join(output.get("data", {}).get("text/markdown", ""))
+            match = SHOWN.match(markdown_text)
+            if not match:
+                continue
+            file, line, code = match.group(1), int(match.group(2)), match.group(3)
+            current = (ROOT / file).read_text(encoding="utf-8").splitlines()
+            block = code.splitlines()
+            assert current[line - 1 : line - 1 + len(block)] == block, (
+                f"{path.name} shows an outdated {file}:{line}; run `make execute`")
+            shown += 1
+    if "show_source(" in "".join(source(c) for c in code_cells(load(path))):
+        assert shown, "show_source cells have no rendered source output"
