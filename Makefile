@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_conv.py
 	$(BIN)/python benchmarks/bench_kv_cache.py
 	$(BIN)/python benchmarks/bench_scaling.py
+	$(BIN)/python benchmarks/bench_serving.py
 
 clean:
 	rm -rf _build .pytest_cache .ruff_cache student
