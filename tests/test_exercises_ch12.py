@@ -88,6 +88,11 @@ WRONG = [
     wrong(ex.check_psi, lambda e, a: float(np.sum((a - e) * np.log10(a / e))), expect=["log10"], id="psi-log10"),
     wrong(ex.check_psi, lambda e, a: float(np.sum(np.abs(a - e))), expect=["expected"], id="psi-l1"),
     wrong(ex.check_psi, lambda e, a: (a - e) * np.log(a / e), expect=["expected a number"], id="psi-per-bin"),
+    wrong(ex.check_psi, lambda e, a: float(np.sum((a - e) * np.log2(a / e))), expect=["log2"], id="psi-log2"),
+    wrong(ex.check_v2_request, lambda im: {"inputs": [{**v2_body(im)["inputs"][0], "shape": [float(d) for d in im.shape]}]}, expect=["non-integers"], id="v2-float-shape"),
+    wrong(ex.check_v2_request, lambda im: {"inputs": [{**v2_body(im)["inputs"][0], "data": [str(x) for x in im.reshape(-1).tolist()]}]}, expect=["not numbers"], id="v2-strings"),
+    wrong(ex.check_v2_request, lambda im: {"inputs": [{**v2_body(im)["inputs"][0], "datatype": "FP64"}]}, expect=["metadata says"], id="v2-fp64"),
+    wrong(ex.check_nearest_rank, lambda s, q: sorted(s)[math.ceil(q * len(s)) - 1], expect=["percent"], id="rank-q-as-fraction"),
 ]
 
 
@@ -122,3 +127,25 @@ def test_function_stubs_and_errors_get_not_yet(capsys, check):
 def test_every_chapter_12_grader_has_two_or_more_wrong_answers():
     counts = Counter(p.values[0].__name__ for p in WRONG)
     assert set(counts) == set(ex.ch12.__all__) and min(counts.values()) >= 2
+
+
+def float_rank(samples, q):  # ceil(q * n / 100): the same rank, rounded in another order
+    ordered = sorted(samples)
+    return ordered[max(1, math.ceil(q * len(ordered) / 100)) - 1]
+
+
+def test_float_rounding_never_rejects_a_right_percentile(capsys):
+    """Random q are drawn where every usual float formula gives the exact rank."""
+    from aimodels.serving.loadtest import percentile
+
+    for _ in range(40):
+        accepts(capsys, ex.check_nearest_rank, nearest_rank)
+        accepts(capsys, ex.check_nearest_rank, float_rank)
+    rejects(capsys, ex.check_nearest_rank, percentile, expect=["calls aimodels.serving.loadtest.percentile"])
+
+
+def test_numbers_as_tensors_and_shapes_as_tuples_are_fine(capsys):
+    import torch
+
+    accepts(capsys, ex.check_psi, lambda e, a: torch.tensor(psi(e, a)))
+    accepts(capsys, ex.check_v2_request, lambda im: {"inputs": [{**v2_body(im)["inputs"][0], "shape": im.shape}]})

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from fractions import Fraction
 
 import numpy as np
+import torch
 
 from ._common import Library, NotYet, _grade_number, _report, call, fresh_rng, grader
 
@@ -18,14 +20,23 @@ __all__ = [
     "check_v2_request",
 ]
 
-_NUMPY_PERCENTILE = Library(
-    task="the exercise asks you to compute the percentile yourself",
-    hint="sort the samples, then take the value at rank ceil(q/100 * n) (counting from 1).",
+def _percentile_library() -> Library:
+    """numpy's percentile functions, and the book's own when the serving extra is present."""
     # NumPy's public functions are C dispatchers; the Python code they run is __wrapped__.
-    python=tuple((getattr(f, "__wrapped__", f), name) for f, name in (
+    watched = [(getattr(f, "__wrapped__", f), name) for f, name in (
         (np.percentile, "numpy.percentile"), (np.quantile, "numpy.quantile"),
-        (np.nanpercentile, "numpy.nanpercentile"), (np.nanquantile, "numpy.nanquantile"))),
-)
+        (np.nanpercentile, "numpy.nanpercentile"), (np.nanquantile, "numpy.nanquantile"))]
+    try:
+        from aimodels.serving import loadtest
+    except ImportError:  # httpx is in the "serve" extra; without it nobody can call it
+        pass
+    else:
+        watched.append((loadtest.percentile, "aimodels.serving.loadtest.percentile"))
+    return Library(
+        task="the exercise asks you to compute the percentile yourself",
+        hint="sort the samples, then take the value at rank ceil(q/100 * n) (counting from 1).",
+        python=tuple(watched),
+    )
 
 
 @grader
@@ -44,9 +55,20 @@ def check_littles_law(answer: object) -> bool:
     })
 
 
+def _rank(q: float, n: int) -> int:
+    """ceil(q/100 * n) computed exactly (q as the decimal it was written as), at least 1."""
+    return max(1, math.ceil(Fraction(str(q)) * n / 100))
+
+
+def _unambiguous(q: float, n: int) -> bool:
+    """True when the usual float formulas give the exact rank (no rounding surprise)."""
+    exact = _rank(q, n)
+    return all(max(1, math.ceil(x)) == exact for x in (q / 100 * n, q * n / 100, n * q / 100))
+
+
 def _nearest_rank(samples: np.ndarray, q: float) -> float:
     ordered = np.sort(samples)
-    return float(ordered[max(1, math.ceil(q / 100.0 * len(ordered))) - 1])
+    return float(ordered[_rank(q, len(ordered)) - 1])
 
 
 @grader
@@ -58,15 +80,19 @@ def check_nearest_rank(fn: Callable[[list[float], float], float]) -> bool:
     and random q. ``numpy.percentile`` and ``numpy.quantile`` are not allowed.
     """
     rng = fresh_rng()
-    cases = [([0.3, 0.1, 0.2, 0.5, 0.4], 50.0), ([5.0, 1.0, 3.0, 2.0], 50.0),
+    cases = [([0.3, 0.1, 0.5, 0.2, 0.4], 50.0), ([5.0, 1.0, 3.0, 2.0], 50.0),
              ([0.01] * 7 + [0.9, 0.02, 0.5], 90.0), ([2.0, 9.0, 4.0], 100.0)]
     for n in (1, 10, 99, 100, 101, 1000):
         samples = [round(rng.lognormvariate(-3.0, 0.8), 4) for _ in range(n)]
-        for q in (50.0, 95.0, 99.0, round(rng.uniform(1.0, 99.9), 2)):
+        q_random = round(rng.uniform(1.0, 99.9), 2)
+        while not _unambiguous(q_random, n):  # 0.2 % of (q, n) pairs round differently
+            q_random = round(rng.uniform(1.0, 99.9), 2)
+        for q in (50.0, 95.0, 99.0, q_random):
             cases.append((samples, q))
     for samples, q in cases:
         expected = _nearest_rank(np.asarray(samples), q)
-        got = call(fn, list(samples), q, library=_NUMPY_PERCENTILE)
+        got = call(fn, list(samples), q, library=_percentile_library(),
+                   hint="q is in percent (0 < q <= 100): the rank is ceil(q/100 * n).")
         label = f"{len(samples)} samples, q={q:g}"
         if isinstance(got, np.ndarray) and got.size == 1:
             got = got.item()
@@ -76,15 +102,15 @@ def check_nearest_rank(fn: Callable[[list[float], float], float]) -> bool:
         if float(got) == expected:
             continue
         ordered = sorted(samples)
-        rank = max(1, math.ceil(q / 100 * len(ordered)))
+        rank = _rank(q, len(ordered))
         if float(got) not in ordered:
             hint = ("your answer is not one of the samples: the nearest-rank percentile "
                     "picks a sample, it never interpolates between two.")
-        elif float(got) == samples[rank - 1] and samples != ordered:
-            hint = "sort the samples first: the rank counts from the smallest sample."
         elif float(got) in (ordered[min(len(ordered) - 1, rank)], ordered[max(0, rank - 2)]):
             hint = ("off by one rank: the rank is ceil(q/100 * n) counting from 1, so the "
                     "index is that minus one.")
+        elif float(got) == samples[rank - 1] and samples != ordered:
+            hint = "sort the samples first: the rank counts from the smallest sample."
         else:
             hint = "the rank is ceil(q/100 * n) counting from 1 in the sorted samples."
         raise NotYet(f"{label}: expected {expected:g}, got {float(got):g}.", hint)
@@ -121,8 +147,8 @@ def check_v2_request(fn: Callable[[np.ndarray], dict]) -> bool:
         if not isinstance(body, dict):
             raise NotYet(f"{label}: expected a dict, got {type(body).__name__}.",
                          "return the request body as a Python dict; httpx sends it as JSON.")
-        try:
-            json.dumps(body, allow_nan=False)
+        try:  # what the server receives: tuples become lists on the wire
+            body = json.loads(json.dumps(body, allow_nan=False))
         except (TypeError, ValueError) as exc:
             raise NotYet(f"{label}: the body is not valid JSON ({exc}).",
                          "NumPy arrays and numbers are not JSON: use .tolist().") from None
@@ -137,12 +163,23 @@ def check_v2_request(fn: Callable[[np.ndarray], dict]) -> bool:
                          'the model\'s metadata names its input "input".')
         if tensor.get("datatype") != "FP32":
             raise NotYet(f"{label}: datatype {tensor.get('datatype')!r}.",
-                         'the protocol spells datatypes like "FP32", "INT64", not NumPy names.')
-        if tensor.get("shape") != [n, 64]:
+                         'the model\'s metadata says "FP32"; the protocol spells datatypes '
+                         'like "FP32" and "INT64", not NumPy names such as "float32".')
+        shape = tensor.get("shape")
+        if isinstance(shape, list) and any(not isinstance(d, int) or isinstance(d, bool)
+                                           for d in shape):
+            raise NotYet(f"{label}: shape {shape!r} holds non-integers.",
+                         "each dimension is a JSON integer: use list(images.shape).")
+        if shape != [n, 64]:
             raise NotYet(f"{label}: shape {tensor.get('shape')!r}, expected [{n}, 64].",
                          "the shape is the real batch shape [n, 64]; -1 appears only in the "
                          "model's metadata.")
         flat = _flatten(tensor.get("data"))
+        odd = [x for x in flat if not isinstance(x, (int, float)) or isinstance(x, bool)]
+        if odd:
+            raise NotYet(f"{label}: the data holds {type(odd[0]).__name__} values such as "
+                         f"{odd[0]!r:.20}, not numbers.",
+                         "FP32 data is a list of JSON numbers: images.reshape(-1).tolist().")
         if len(flat) != n * 64 or not np.allclose(np.asarray(flat, dtype=np.float64),
                                                    images.reshape(-1)):
             raise NotYet(f"{label}: the data does not hold the {n * 64} pixel values in "
@@ -191,8 +228,9 @@ def check_psi(fn: Callable[[np.ndarray, np.ndarray], float]) -> bool:
         want = _psi(expected, actual)
         got = call(fn, expected.copy(), actual.copy())
         label = f"{len(expected)} bins"
-        if isinstance(got, np.ndarray) and got.size == 1:
-            got = got.item()
+        if (isinstance(got, torch.Tensor) and got.numel() == 1) or (
+                isinstance(got, (np.ndarray, np.generic)) and got.size == 1):
+            got = got.item()  # a 0-d array or tensor is one number too
         if not isinstance(got, (int, float, np.floating)) or isinstance(got, bool):
             raise NotYet(f"{label}: expected a number, got {type(got).__name__}.",
                          "return the sum as one float.")
@@ -204,9 +242,9 @@ def check_psi(fn: Callable[[np.ndarray, np.ndarray], float]) -> bool:
         elif math.isclose(float(got), kl, rel_tol=1e-6):
             hint = ("that is one KL divergence; PSI is the symmetric sum KL(a‖e) + KL(e‖a) "
                     "= Σ (a − e) ln(a / e).")
-        elif math.isclose(float(got), float(np.sum((actual - expected) * np.log10(
-                actual / expected))), rel_tol=1e-6):
-            hint = "use the natural logarithm (np.log), not log10."
+        elif any(math.isclose(float(got), float(np.sum((actual - expected) * log(
+                actual / expected))), rel_tol=1e-6) for log in (np.log10, np.log2)):
+            hint = "use the natural logarithm (np.log), not log10 or log2."
         else:
             hint = "sum (actual − expected) · ln(actual / expected) over the bins."
         raise NotYet(f"{label}: expected {want:.6g}, got {float(got):.6g}.", hint)

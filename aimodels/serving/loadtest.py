@@ -168,7 +168,7 @@ class LoadResult:
     def summary(self) -> str:
         """One line for a terminal."""
         load = (f"concurrency {self.concurrency}" if self.mode == "closed"
-                else f"rate {self.rate_rps:g}/s")
+                else f"rate {self.rate_rps:.1f}/s")
         return (f"{self.mode} loop, {load}: {self.requests} requests in {self.duration_s:.2f} s, "
                 f"{self.throughput_rps:.1f} req/s, p50 {1e3 * self.p50:.1f} ms, "
                 f"p95 {1e3 * self.p95:.1f} ms, p99 {1e3 * self.p99:.1f} ms, "

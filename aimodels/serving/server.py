@@ -29,10 +29,12 @@ route                                        verb  answers
 ===========================================  ====  ====================================
 
 The ``/v2/repository`` routes are Triton's model repository extension
-(https://docs.nvidia.com/deeplearning/sdk/triton-inference-server-guide/docs/protocol/extension_model_repository.html),
-plus an ``alias`` route of our own. They change what the server runs, so they need
-``Authorization: Bearer <token>`` with the token from ``AIMODELS_ADMIN_TOKEN``; with
-no token configured they are switched off (403). The comparison uses
+(https://github.com/triton-inference-server/server/blob/main/docs/protocol/extension_model_repository.md),
+plus an ``alias`` route of our own. The ``version``/``alias`` parameters of ``load`` are
+our own too: Triton's ``load`` takes a model configuration instead. These routes change
+what the server runs, so they need ``Authorization: Bearer <token>`` with the token
+from ``AIMODELS_ADMIN_TOKEN``; with no token configured they are switched off (403).
+The comparison uses
 `hmac.compare_digest`, which takes the same time however many leading characters of
 a guess are right, so the token cannot be found one character at a time.
 
@@ -231,9 +233,12 @@ def _parse_tensor(tensor: dict[str, Any], spec: dict[str, Any]) -> np.ndarray:
     dtype = DATATYPES[datatype]
     allowed = {"f": "fiu", "i": "iu", "u": "iu", "b": "b"}[dtype.kind]
     if array.size and array.dtype.kind not in allowed:
+        odd = next((x for x in array.ravel().tolist()
+                    if not isinstance(x, (int, float)) or isinstance(x, bool)), None)
+        example = "null" if odd is None else f"{type(odd).__name__} {odd!r:.20}"
         raise ProtocolError(
             400, f"input {name!r}: {datatype} data must be {_kinds_text(dtype.kind)}, "
-            f"got values of type {array.dtype.kind!r} ({array.dtype})"
+            f"got {example} among them (NumPy dtype {array.dtype})"
         )
     needed = math.prod(shape)
     if array.size != needed:
