@@ -337,7 +337,7 @@ def test_command_line_against_a_real_server(tmp_path: Path, capsys):
     assert wrong_model == 1
     printed = capsys.readouterr().out
     assert "closed loop, concurrency 4: 40 requests" in printed and "0 errors" in printed
-    assert "open loop, rate 200/s: 20 requests" in printed
+    assert "open loop, rate 200.0/s: 20 requests" in printed
     assert "3 errors (404: 3)" in printed
     saved = json.loads(out.read_text())
     assert saved["url"] == f"{url}/v2/models/digits/infer"

@@ -11,6 +11,7 @@ server     the Open Inference Protocol (KServe v2) REST server on FastAPI
 process    start and stop a server subprocess on a free 127.0.0.1 port
 loadtest   closed- and open-loop load generators and latency statistics
 ray_app    the same model as a Ray Serve deployment (scale-out, autoscaling)
+paged      a paged KV cache, paged attention and continuous-batching decode (Chapter 13)
 cli        the ``aimodels`` console script
 ========== ==============================================================
 
