@@ -167,9 +167,9 @@ class ScratchOptimizer(Optimizer):
 class SGD(ScratchOptimizer):
     r"""Stochastic gradient descent with optional (heavy-ball) momentum.
 
-    .. math:: v_{t} = \mu v_{t-1} + g_t, \qquad \theta_{t} = \theta_{t-1} - \eta v_t
+    .. math:: b_{t} = \beta b_{t-1} + g_t, \qquad \theta_{t} = \theta_{t-1} - \eta b_t
 
-    with :math:`v_1 = g_1`, exactly as ``torch.optim.SGD`` (no dampening, no Nesterov).
+    with :math:`\beta` = ``momentum``, :math:`b_1 = g_1`, as ``torch.optim.SGD`` (no dampening).
     With ``momentum=0`` it is plain :math:`\theta \leftarrow \theta - \eta g`.
     """
 

@@ -37,6 +37,24 @@ def word_tokenize(text: str, lower: bool = True) -> list[str]:
 # --------------------------------------------------------------------------- byte-level BPE
 _CHUNK = re.compile(r" ?\w+| ?[^\w\s]+|\s+")
 
+# GPT-2's pre-tokeniser (openai/gpt-2, src/encoder.py) is
+#   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+# compiled with the third-party ``regex`` package. Python's ``re`` has no \p{...} classes,
+# so here \p{L} becomes [^\W\d_] (word characters that are not digits or "_") and \p{N}
+# becomes \d. The two agree on letters, decimal digits and ordinary white space in every
+# script; they differ on rare characters such as the numeral "²", a letter to \w but not
+# to \p{L}. For comparison only: BPETokenizer uses _CHUNK.
+GPT2_SPLIT = re.compile(
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
+)
+
+
+def pretokenize(text: str) -> list[str]:
+    """The chunks that BPE merges never cross: a word or a run of punctuation, each with at
+    most one leading space, or a run of white space. ``"".join(pretokenize(s)) == s``.
+    """
+    return _CHUNK.findall(text)
+
 
 class BPETokenizer:
     """Byte-level byte-pair encoding (Sennrich et al., 2016; byte-level as in GPT-2).
@@ -46,7 +64,9 @@ class BPETokenizer:
     starts from those 256 tokens and repeatedly merges the most frequent adjacent pair
     into a new token, until ``vocab_size`` tokens exist. Merges never cross the
     boundaries of pre-split chunks (a word with its leading space, a run of punctuation,
-    a run of white space).
+    a run of white space; see :func:`pretokenize`). The split is close to GPT-2's but
+    not the same: no contraction rule, letters and digits in one run, and a run of
+    spaces does not hand its last space to the next word (see ``GPT2_SPLIT``).
     """
 
     def __init__(self, merges: Sequence[tuple[int, int]] = ()) -> None:
@@ -67,7 +87,7 @@ class BPETokenizer:
             raise ValueError(
                 f"vocab_size must be an int >= 256 (the byte tokens), got {vocab_size!r}"
             )
-        chunk_counts = Counter(chunk for text in texts for chunk in _CHUNK.findall(text))
+        chunk_counts = Counter(chunk for text in texts for chunk in pretokenize(text))
         words = {tuple(chunk.encode("utf-8")): n for chunk, n in chunk_counts.items()}
         merges: list[tuple[int, int]] = []
         while 256 + len(merges) < vocab_size:
@@ -97,7 +117,7 @@ class BPETokenizer:
         """Token ids of ``text``: its UTF-8 bytes, merged in the order they were learned."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        chunks = _CHUNK.findall(text)
+        chunks = pretokenize(text)
         return [i for chunk in chunks for i in self._encode_chunk(list(chunk.encode("utf-8")))]
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -105,10 +105,10 @@ class BrokenUpdate(AdaGrad):
 
 
 WRONG = [
-    wrong(ex.check_max_stable_lr, 0.25, expect=["1/L"], id="lr-one-over-L"),
+    wrong(ex.check_max_stable_lr, 0.25, expect=["1/λ"], id="lr-one-over-lambda"),
     wrong(ex.check_max_stable_lr, 1.0, expect=["f''(x) = 4"], id="lr-curvature-2"),
-    wrong(ex.check_max_stable_lr, 2.0, expect=["L = f''(x) = 4"], id="lr-curvature-1"),
-    wrong(ex.check_max_stable_lr, 4.0, expect=["2/L"], id="lr-the-curvature"),
+    wrong(ex.check_max_stable_lr, 2.0, expect=["λ = f''(x) = 4"], id="lr-curvature-1"),
+    wrong(ex.check_max_stable_lr, 4.0, expect=["2/λ"], id="lr-the-curvature"),
     wrong(ex.check_adagrad, NoSquare, expect=["drift"], id="adagrad-no-square"),
     wrong(ex.check_adagrad, EpsInsideRoot, expect=["eps inside the square root"], id="adagrad-eps-inside-root"),
     wrong(ex.check_adagrad, MovingAverage, expect=["*sum*"], id="adagrad-moving-average"),

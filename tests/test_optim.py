@@ -109,7 +109,7 @@ def test_invalid_hyperparameters_name_the_parameter_and_value(build, message):
 
 
 def test_gradient_descent_on_a_quadratic_converges_diverges_as_theory_says():
-    grad = lambda x: 2 * x  # f(x) = x^2, L = 2, stable iff lr < 1  # noqa: E731
+    grad = lambda x: 2 * x  # f(x) = x^2, curvature 2, stable iff lr < 1  # noqa: E731
     path = optim.gradient_descent(grad, 1.0, lr=0.25, steps=10)
     assert path.shape == (11, 1)
     np.testing.assert_allclose(path[:, 0], 0.5 ** np.arange(11))

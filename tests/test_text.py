@@ -102,3 +102,15 @@ def test_number_pairs_hold_out_unseen_numbers():
     assert train_numbers | test_numbers == set(range(100, 1000))
     with pytest.raises(ValueError, match="covers the integers 0..9999"):
         data.chinese_number(10000)
+
+
+def test_pretokenize_covers_the_text_and_gpt2_split_matches_gpt2():
+    sample = "We'll serve max_len2 requests:\n    def f(x):  大模型即服务, naïve café 42!"
+    assert "".join(text.pretokenize(sample)) == sample
+    assert "".join(text.GPT2_SPLIT.findall(sample)) == sample
+    assert text.pretokenize("It's  3") == ["It", "'", "s", "  ", "3"]
+    # GPT-2's own pattern needs the third-party regex package (installed with transformers).
+    regex = pytest.importorskip("regex")
+    gpt2 = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+    for s in (sample, "It's   3.14", "été ٣٤ 三百\t\n x"):
+        assert text.GPT2_SPLIT.findall(s) == gpt2.findall(s)

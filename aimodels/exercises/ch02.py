@@ -28,11 +28,11 @@ def check_max_stable_lr(answer: object) -> bool:
     curvature = 4.0  # f''(x) for f(x) = 2 x^2
     return _grade_number(
         "largest stable learning rate", answer, 2.0 / curvature,
-        {1.0 / curvature: "1/L is the step that lands on the minimum at once; "
-                          "the iteration still converges (oscillating) up to 2/L.",
+        {1.0 / curvature: "1/λ is the step that lands on the minimum at once; "
+                          "the iteration still converges (oscillating) up to 2/λ.",
          1.0: "for f(x) = x² the bound is 1; here f(x) = 2x², so f''(x) = 4, not 2.",
-         2.0: "2/L needs the curvature of 2x², L = f''(x) = 4, not 1.",
-         4.0: "that is the curvature L = f''(x); the largest stable rate is 2/L."},
+         2.0: "2/λ needs the curvature of 2x², λ = f''(x) = 4, not 1.",
+         4.0: "that is the curvature λ = f''(x); the largest stable rate is 2/λ."},
         rel=1e-3,
     )
 
