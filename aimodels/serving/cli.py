@@ -3,6 +3,7 @@
 ::
 
     aimodels store publish-example --store store/     # train the digits MLP, publish it
+    aimodels store publish-example --store store/ --model tiny-gpt   # chapter 9's GPT
     aimodels store list --store store/                # versions, aliases, metrics
     aimodels serve --store store/ --port 8000         # the v2 inference server
     aimodels loadtest http://127.0.0.1:8000 --model digits --concurrency 8 --requests 500
@@ -31,10 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     store = commands.add_parser("store", help="publish and list models in a model store")
     store_commands = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
     publish = store_commands.add_parser(
-        "publish-example", help="train the digits classifier and publish it"
+        "publish-example", help="train an example model (digits or tiny-gpt) and publish it"
     )
+    publish.add_argument("--model", choices=["digits", "tiny-gpt"], default="digits",
+                         help="which example: the digits MLP (default) or chapter 9's tiny "
+                         "GPT, served on /v1")
+    publish.add_argument("--seconds", type=float, default=30.0,
+                         help="tiny-gpt only: training time budget in seconds (default: 30)")
     publish.add_argument("--store", required=True, help="model store folder (created if missing)")
-    publish.add_argument("--name", default="digits", help="model name (default: digits)")
+    publish.add_argument("--name", default=None,
+                         help="model name (default: the --model name)")
     publish.add_argument("--hidden", type=int, default=64, help="hidden width (default: 64)")
     publish.add_argument("--depth", type=int, default=1, help="hidden layers (default: 1)")
     publish.add_argument("--epochs", type=int, default=60, help="training epochs (default: 60)")
@@ -66,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.set_num_threads in the server (default: torch's choice)")
     serve.add_argument("--drift-window", type=int, default=256,
                        help="recent input rows the drift PSI is computed on (default: 256)")
+    serve.add_argument("--llm-max-tokens", type=int, default=256,
+                       help="largest reply of a language model on /v1 (default: 256)")
+    serve.add_argument("--llm-num-blocks", type=int, default=None,
+                       help="KV-cache blocks per language model (default: room for "
+                       "--llm-max-batch full contexts)")
+    serve.add_argument("--llm-max-batch", type=int, default=16,
+                       help="sequences decoded together (default: 16)")
+    serve.add_argument("--llm-mode", choices=["continuous", "static"], default="continuous",
+                       help="batching of the language models (default: continuous)")
     serve.add_argument("--graceful-timeout", type=float, default=30.0,
                        help="seconds to finish in-flight requests on SIGTERM (default: 30)")
     serve.add_argument("--log-level", default="info",
@@ -95,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _publish_example(args: argparse.Namespace) -> int:
+    if args.name is None:
+        args.name = args.model
+    if args.model == "tiny-gpt":
+        return _publish_tiny_gpt(args)
     from aimodels.serving.metrics import mean_intensity
     from aimodels.serving.models import digits_arrays, digits_config, train_digits_classifier
     from aimodels.serving.server import DRIFT_REFERENCE_FILE
@@ -118,6 +138,21 @@ def _publish_example(args: argparse.Namespace) -> int:
         metrics=metrics, aliases=aliases,
         extra_files={DRIFT_REFERENCE_FILE: json.dumps(drift_reference)},
     )
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+    print(f"published {args.name} version {version} (aliases: {', '.join(aliases) or 'none'}) "
+          f"to {store.root}: {shown}")
+    return 0
+
+
+def _publish_tiny_gpt(args: argparse.Namespace) -> int:
+    from aimodels.serving.llm import publish_tiny_gpt
+    from aimodels.serving.store import ModelStore
+
+    aliases = ["production"] if args.alias is None else args.alias
+    store = ModelStore(args.store)
+    version = publish_tiny_gpt(store, args.name, seconds=args.seconds, seed=args.seed,
+                               aliases=aliases)
+    metrics = store.info(args.name, version)["metrics"]
     shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
     print(f"published {args.name} version {version} (aliases: {', '.join(aliases) or 'none'}) "
           f"to {store.root}: {shown}")
@@ -160,6 +195,8 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=args.access_log, models=args.model, max_batch_size=args.max_batch_size,
         max_delay_ms=args.max_delay_ms, max_queue_size=args.max_queue_size,
         max_body_bytes=args.max_body_bytes, drift_window=args.drift_window,
+        llm_max_tokens=args.llm_max_tokens, llm_num_blocks=args.llm_num_blocks,
+        llm_max_batch=args.llm_max_batch, llm_mode=args.llm_mode,
     )
     return 0
 

@@ -16,7 +16,18 @@ metric                                              type       answers
 ``aimodels_model_info{model,version}``              info       which version is live?
 ``aimodels_input_drift_psi{model}``                 gauge      do inputs still look like
                                                                the training data?
+``aimodels_llm_time_to_first_token_seconds{model}`` histogram  how long until a reply
+                                                               starts (prefill + queue)
+``aimodels_llm_inter_token_latency_seconds{model}`` histogram  the gap between tokens
+``aimodels_llm_generated_tokens_total{model}``      counter    tokens out (rate = tokens/s)
+``aimodels_llm_running_sequences{model}``           gauge      the decoding batch size
+``aimodels_llm_waiting_sequences{model}``           gauge      requests not yet admitted
+``aimodels_llm_kv_blocks_used{model}``, ``_free``   gauge      KV-cache memory pressure
 ==================================================  =========  ==========================
+
+The ``aimodels_llm_*`` metrics belong to the language models of chapter 13
+(:mod:`aimodels.serving.llm`): for a streamed reply, latency is two numbers, the wait for
+the first token and the pace of the following ones.
 
 Prometheus' naming rules: base units (seconds, not milliseconds; bytes, not MiB), the
 unit as a suffix (``_seconds``), counters end in ``_total``, and labels hold only a few
@@ -107,6 +118,36 @@ class ServiceMetrics:
             "aimodels_input_drift_psi",
             "Population stability index of recent inputs against the training data.",
             ["model"], registry=r,
+        )
+
+        self.llm_ttft = Histogram(
+            "aimodels_llm_time_to_first_token_seconds",
+            "Time from receiving a completion request to its first generated token.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.llm_itl = Histogram(
+            "aimodels_llm_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of one completion.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.llm_generated_tokens = Counter(
+            "aimodels_llm_generated_tokens", "Tokens generated, by model.", ["model"],
+            registry=r,
+        )
+        self.llm_running = Gauge(
+            "aimodels_llm_running_sequences", "Sequences in the decoding batch.", ["model"],
+            registry=r,
+        )
+        self.llm_waiting = Gauge(
+            "aimodels_llm_waiting_sequences", "Requests waiting to be admitted (or preempted).",
+            ["model"], registry=r,
+        )
+        self.llm_kv_blocks_used = Gauge(
+            "aimodels_llm_kv_blocks_used", "KV-cache blocks allocated to sequences.", ["model"],
+            registry=r,
+        )
+        self.llm_kv_blocks_free = Gauge(
+            "aimodels_llm_kv_blocks_free", "KV-cache blocks free.", ["model"], registry=r,
         )
 
     def observe_request(self, model: str, status: int, seconds: float) -> None:

@@ -230,6 +230,15 @@ class PagedKVCache:
         self._require(seq_id)
         return list(self._tables[seq_id])
 
+    def blocks_for(self, n_tokens: int) -> int:
+        """Blocks a new sequence of ``n_tokens`` tokens occupies (its last one partly filled)."""
+        _check_count("n_tokens", n_tokens, minimum=0)
+        return math.ceil(n_tokens / self.block_size)
+
+    def can_admit(self, n_tokens: int) -> bool:
+        """Whether a new sequence of ``n_tokens`` tokens fits in the free blocks now."""
+        return self.blocks_for(n_tokens) <= self.allocator.num_free
+
     def blocks_needed(self, seq_id: SeqId, n_tokens: int) -> int:
         """New blocks the sequence must get to grow by ``n_tokens`` tokens."""
         self._require(seq_id)
@@ -566,7 +575,7 @@ def generate_continuous(model, cache: PagedKVCache, requests: Sequence[Request],
         if total > model.config.context_length:
             raise ValueError(f"request {i} needs {total} positions (prompt plus new tokens), "
                              f"more than the context length {model.config.context_length}")
-        if math.ceil(total / cache.block_size) > cache.num_blocks:
+        if cache.blocks_for(total) > cache.num_blocks:
             raise OutOfBlocksError(f"request {i} needs {total} token slots, more than the "
                                    f"whole pool of {cache.num_blocks} blocks of "
                                    f"{cache.block_size} holds")
@@ -586,8 +595,7 @@ def generate_continuous(model, cache: PagedKVCache, requests: Sequence[Request],
     while waiting or running:
         while (waiting and len(running) < max_batch
                and requests[waiting[0]].arrival_step <= step
-               and math.ceil((len(context(waiting[0])) + 1) / cache.block_size)
-               <= cache.allocator.num_free):
+               and cache.can_admit(len(context(waiting[0])) + 1)):
             i = waiting.pop(0)
             logits = prefill(model, cache, i, context(i))
             requests[i].output.append(int(logits.argmax()))

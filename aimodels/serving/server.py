@@ -26,6 +26,9 @@ route                                        verb  answers
                                                    3}``: move an alias in the store; moving
                                                    ``production`` switches the live version
 ``/metrics``                                 GET   Prometheus text format
+``/v1/models``, ``/v1/completions``          GET,  language models (architecture
+                                             POST  ``gpt``) through OpenAI's API:
+                                                   chapter 13, :mod:`aimodels.serving.llm`
 ===========================================  ====  ====================================
 
 The ``/v2/repository`` routes are Triton's model repository extension
@@ -95,6 +98,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import aimodels
 from aimodels.checkpoint import IntegrityError, load_extra_file
 from aimodels.serving.batching import DynamicBatcher, QueueFullError
+from aimodels.serving.llm import LLMService, add_openai_routes
 from aimodels.serving.metrics import DriftMonitor, ServiceMetrics, mean_intensity
 from aimodels.serving.models import Servable, digits_arrays
 from aimodels.serving.store import ModelNotFoundError, ModelStore
@@ -426,6 +430,7 @@ class ModelService:
         self.deployments: dict[tuple[str, int], Deployment] = {}
         self.drift: dict[str, DriftMonitor | None] = {}
         self.known: set[str] = set()  # every name ever served (metrics labels)
+        self.skip: set[str] = set()  # served elsewhere (the language models on /v1)
         self.ready = False
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -436,6 +441,8 @@ class ModelService:
             self.store.models
         )
         for name in names:
+            if name in self.skip:
+                continue
             try:
                 await self.load(name, "production")
             except ProtocolError as exc:
@@ -601,6 +608,11 @@ def create_app(
     max_body_bytes: int = 16 * 2**20,
     admin_token: str | None = FROM_ENV,
     drift_window: int = 256,
+    llm_max_tokens: int = 256,
+    llm_num_blocks: int | None = None,
+    llm_block_size: int = 16,
+    llm_max_batch: int = 16,
+    llm_mode: str = "continuous",
 ) -> FastAPI:
     """Build the v2 inference app over a model store (see the module docstring).
 
@@ -610,6 +622,10 @@ def create_app(
     Bodies over `max_body_bytes` get 413. `admin_token` defaults to
     ``$AIMODELS_ADMIN_TOKEN``; None or empty switches the ``/v2/repository`` routes
     off. `drift_window` is the number of recent input rows the drift PSI is computed on.
+    Models whose config says ``"architecture": "gpt"`` are served on ``/v1`` by an
+    `LLMEngine` each instead: `llm_max_tokens` caps a reply, `llm_num_blocks` (default:
+    room for `llm_max_batch` full contexts) and `llm_block_size` size the KV cache, and
+    `llm_mode` is ``continuous`` or ``static`` batching.
     """
     if not isinstance(store, ModelStore):
         store = ModelStore(Path(store))
@@ -623,9 +639,14 @@ def create_app(
     DynamicBatcher(lambda items: items, **batching)  # check the settings now, not at start
     service = ModelService(store, metrics, models=models, batching=batching,
                            drift_window=drift_window)
+    llm = LLMService(store, metrics, models=models, max_tokens=llm_max_tokens,
+                     num_blocks=llm_num_blocks, block_size=llm_block_size,
+                     max_batch=llm_max_batch, mode=llm_mode)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(llm.start)
+        service.skip = set(llm.engines)
         await service.start()
         # Once torch and the models are loaded, a full garbage collection walks millions of
         # objects and pauses the event loop for ~100 ms, a visible spike in p99. Freezing
@@ -636,15 +657,18 @@ def create_app(
             yield
         finally:
             await service.stop()
+            await asyncio.to_thread(llm.stop)
 
     app = FastAPI(title="aimodels model server", version=aimodels.__version__,
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
     app.state.metrics = metrics
+    app.state.llm = llm
     _add_error_handlers(app)
     _add_health_routes(app, service)
     _add_inference_routes(app, service, metrics, max_body_bytes)
     _add_admin_routes(app, service, admin_token or None, max_body_bytes)
+    add_openai_routes(app, llm, metrics, read_json, max_body_bytes)
     return app
 
 
