@@ -12,6 +12,7 @@ process    start and stop a server subprocess on a free 127.0.0.1 port
 loadtest   closed- and open-loop load generators and latency statistics
 ray_app    the same model as a Ray Serve deployment (scale-out, autoscaling)
 paged      a paged KV cache, paged attention and continuous-batching decode (Chapter 13)
+llm        the LLM engine and the OpenAI-compatible completions API (Chapter 13)
 cli        the ``aimodels`` console script
 ========== ==============================================================
 

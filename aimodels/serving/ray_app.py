@@ -48,9 +48,7 @@ dashboard; everything listens on 127.0.0.1 only.
 # parameter called "request" and answers 422).
 import asyncio
 import gc
-import math
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -61,6 +59,8 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from aimodels.serving.models import Servable
+from aimodels.serving.process import free_port
+from aimodels.serving.server import InferRequest, ProtocolError, output_tensor, parse_infer_request
 
 __all__ = [
     "APP_NAME",
@@ -76,7 +76,6 @@ __all__ = [
 
 APP_NAME = "aimodels"
 DEFAULT_MAX_ONGOING_REQUESTS = 256
-_V2_NUMPY = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}
 _state: dict[str, Any] = {}  # the HTTP port of the running Serve instance
 
 api = FastAPI(title="aimodels on Ray Serve")
@@ -92,44 +91,17 @@ def _fail(status: int, message: str) -> HTTPException:
     return HTTPException(status_code=status, detail=message)
 
 
-def _input_array(body: Any, spec: dict[str, Any]) -> np.ndarray:
-    """The one input tensor of a v2 request, checked against the model's signature."""
-    if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
-        raise _fail(400, "expected a JSON object with an 'inputs' list (v2 inference request)")
-    if len(body["inputs"]) != 1 or not isinstance(body["inputs"][0], dict):
-        raise _fail(400, f"expected exactly one input {spec['name']!r}, "
-                         f"got {len(body['inputs'])}")
-    tensor = body["inputs"][0]
-    if tensor.get("name") != spec["name"] or tensor.get("datatype") != spec["datatype"]:
-        raise _fail(400, f"expected input {spec['name']!r} of datatype {spec['datatype']}, "
-                         f"got {tensor.get('name')!r} of {tensor.get('datatype')!r}")
-    shape = tensor.get("shape")
-    expected = spec["shape"]
-    if (not isinstance(shape, list) or len(shape) != len(expected)
-            or any(not isinstance(n, int) or n < 0 or (e != -1 and n != e)
-                   for n, e in zip(shape, expected, strict=True))):
-        raise _fail(400, f"expected shape {expected} (-1: any), got {shape}")
-    try:
-        data = np.asarray(tensor.get("data"), dtype=_V2_NUMPY[spec["datatype"]])
-    except (TypeError, ValueError) as exc:
-        raise _fail(400, f"input data is not a list of numbers: {exc}") from exc
-    if data.size != math.prod(shape):
-        raise _fail(400, f"shape {shape} needs {math.prod(shape)} values, got {data.size}")
-    return data.reshape(shape)
-
-
 def _v2_response(servable: Servable, outputs: dict[str, np.ndarray],
-                 request_id: Any) -> dict[str, Any]:
+                 request: InferRequest) -> dict[str, Any]:
+    """The same v2 response body as our server's (`aimodels.serving.server`)."""
     response: dict[str, Any] = {
         "model_name": servable.name,
         "model_version": str(servable.version),
-        "outputs": [{"name": spec["name"], "datatype": spec["datatype"],
-                     "shape": list(outputs[spec["name"]].shape),
-                     "data": outputs[spec["name"]].ravel().tolist()}
-                    for spec in servable.signature["outputs"]],
+        "outputs": [output_tensor(spec["name"], spec["datatype"], outputs[spec["name"]])
+                    for spec in servable.signature["outputs"] if spec["name"] in request.outputs],
     }
-    if request_id is not None:
-        response["id"] = request_id
+    if request.id is not None:
+        response["id"] = request.id
     return response
 
 
@@ -179,9 +151,13 @@ class DigitsDeployment:
             body = await request.json()
         except ValueError as exc:
             raise _fail(400, f"request body is not JSON: {exc}") from exc
-        x = _input_array(body, self.servable.signature["inputs"][0])
-        outputs = await self.predict_batch(x)
-        return _v2_response(self.servable, outputs, body.get("id"))
+        try:  # the very checks our own server makes: one parser for both
+            parsed = parse_infer_request(body, self.servable.signature)
+        except ProtocolError as exc:
+            raise _fail(exc.status, exc.message) from None
+        name = self.servable.signature["inputs"][0]["name"]
+        outputs = await self.predict_batch(parsed.inputs[name])
+        return _v2_response(self.servable, outputs, parsed)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def predict_batch(self, inputs: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
@@ -205,12 +181,6 @@ class DigitsDeployment:
 
 # ---------------------------------------------------------------- starting and stopping
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_ray(num_cpus: int = 2, *, port: int | None = None,
               object_store_memory: int = 200 * 2**20, env: dict[str, str] | None = None) -> str:
     """Start a local Ray cluster (no dashboard, no usage stats) and Serve's HTTP proxy on
@@ -225,7 +195,7 @@ def start_ray(num_cpus: int = 2, *, port: int | None = None,
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ.update(env or {})
-    port = port or _free_port()
+    port = port or free_port()
     ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_memory,
              log_to_driver=False, ignore_reinit_error=False)
     try:
