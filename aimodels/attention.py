@@ -188,3 +188,74 @@ class MultiHeadAttention(nn.Module):
         weights = attention_weights(q, k, attn_mask=bias)  # [B, h, L, S]
         output = self.merge_heads(weights @ v)  # heads [B, h, L, E/h] -> [B, L, E]
         return output, (weights.mean(dim=1) if need_weights else None)
+
+
+def tiled_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_size: int = 64,
+    is_causal: bool = False,
+) -> Tensor:
+    r"""Exact attention over blocks of keys with an online softmax, never storing all scores.
+
+    Same result as ``F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)``
+    (scale :math:`1/\sqrt{d}`, query i sees keys 0..i when causal), but the keys and
+    values are visited ``block_size`` at a time, so the largest intermediate is
+    ``[..., L, block_size]`` instead of ``[..., L, S]``. For each row we keep a running
+    maximum :math:`m`, normaliser :math:`\ell` and unnormalised output :math:`o`
+    (Milakov and Gimelshein 2018, "Online normalizer calculation for softmax",
+    arXiv:1805.02867; Dao et al. 2022, "FlashAttention"). For a block with scores
+    :math:`s_j = q \cdot k_j / \sqrt{d}`:
+
+    .. math::
+
+        m' = \max(m, \max_j s_j), \qquad
+        \ell' = e^{m - m'} \ell + \sum_j e^{s_j - m'}, \qquad
+        o' = e^{m - m'} o + \sum_j e^{s_j - m'} v_j,
+
+    starting from :math:`m = -\infty`, :math:`\ell = 0`, :math:`o = 0`; the output is
+    :math:`o / \ell`. The factor :math:`e^{m - m'}` rescales what was summed against the
+    old maximum. The maximum only keeps ``exp`` from overflowing (the result does not
+    depend on it), so it is detached from autograd. A query with no key to attend to
+    gets zeros. Autograd keeps every block for the backward pass; FlashAttention
+    instead recomputes them.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor) or x.ndim < 2 or not x.is_floating_point():
+            raise ValueError(f"expected {name} to be a floating-point tensor [..., T, d], "
+                             f"got {getattr(x, 'dtype', type(x).__name__)} "
+                             f"{list(getattr(x, 'shape', []))}")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"expected q [..., L, d], k [..., S, d] and v [..., S, d_v], got {list(q.shape)}, "
+            f"{list(k.shape)} and {list(v.shape)}"
+        )
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    length, source = q.shape[-2], k.shape[-2]
+    dtype = torch.promote_types(q.dtype, v.dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+
+    m = torch.full((*batch, length, 1), float("-inf"), dtype=dtype, device=q.device)
+    ell = torch.zeros((*batch, length, 1), dtype=dtype, device=q.device)
+    out = torch.zeros((*batch, length, v.shape[-1]), dtype=dtype, device=q.device)
+    rows = torch.arange(length, device=q.device)[:, None]
+    for start in range(0, source, block_size):
+        if is_causal and start >= length:
+            break  # every later key lies in the future of every query
+        k_block = k[..., start:start + block_size, :]
+        v_block = v[..., start:start + block_size, :]
+        scores = (q @ k_block.transpose(-2, -1)) * scale  # [..., L, block]
+        if is_causal:
+            cols = torch.arange(start, start + k_block.shape[-2], device=q.device)
+            scores = scores.masked_fill(cols > rows, float("-inf"))
+        m_new = torch.maximum(m, scores.detach().amax(dim=-1, keepdim=True))
+        m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)  # rows that saw no key yet
+        p = torch.exp(scores - m_safe)
+        rescale = torch.exp(m - m_safe)
+        ell = rescale * ell + p.sum(dim=-1, keepdim=True)
+        out = rescale * out + p @ v_block
+        m = m_new
+    return out / ell.masked_fill(ell == 0, 1.0)

@@ -121,3 +121,66 @@ def test_mha_errors():
         ours(torch.zeros(2, 5, 8), torch.zeros(2, 5, 8), torch.zeros(2, 5, 8),
              key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
     assert ours(torch.zeros(2, 5, 8), torch.zeros(2, 5, 8), torch.zeros(2, 5, 8), need_weights=False)[1] is None
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("block_size", [1, 7, 64, 200])
+@pytest.mark.parametrize("shape", [(1, 1), (13, 13), (100, 100), (5, 12), (12, 5)])
+def test_tiled_attention_matches_pytorch(shape, block_size, is_causal):
+    length, source = shape
+    g = torch.Generator().manual_seed(length * 1000 + source)
+    q = torch.randn(2, 3, length, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 3, source, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 3, source, 8, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(attention.tiled_attention(q, k, v, block_size, is_causal),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=is_causal))
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_tiled_attention_float32_and_unbatched(is_causal):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(130, 64, generator=g) for _ in range(3))  # T not a multiple of 64
+    ours = attention.tiled_attention(q, k, v, block_size=64, is_causal=is_causal)
+    assert ours.dtype == torch.float32 and ours.shape == (130, 64)
+    torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, is_causal=is_causal))
+
+
+def test_tiled_attention_broadcasts_leading_dimensions():
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 9, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 4, 11, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 4, 11, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(attention.tiled_attention(q, k, v, block_size=4),
+                               F.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_tiled_attention_gradients_match_pytorch(is_causal):
+    g = torch.Generator().manual_seed(5)
+    shapes = [(2, 10, 6), (2, 10, 6), (2, 10, 4)]
+    ours = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
+    theirs = [x.detach().clone().requires_grad_() for x in ours]
+    weight = torch.randn(2, 10, 4, generator=g, dtype=torch.float64)
+    (attention.tiled_attention(*ours, block_size=3, is_causal=is_causal) * weight).sum().backward()
+    (F.scaled_dot_product_attention(*theirs, is_causal=is_causal) * weight).sum().backward()
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: attention.tiled_attention(q, k, v, block_size=4, is_causal=is_causal),
+        [x.detach().requires_grad_() for x in ours])
+
+
+def test_tiled_attention_errors():
+    q = k = v = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="block_size must be a positive integer"):
+        attention.tiled_attention(q, k, v, block_size=0)
+    with pytest.raises(ValueError, match="block_size must be a positive integer"):
+        attention.tiled_attention(q, k, v, block_size=2.5)
+    with pytest.raises(ValueError, match=r"expected q \[..., L, d\], k \[..., S, d\]"):
+        attention.tiled_attention(q, torch.zeros(4, 7), v)
+    with pytest.raises(ValueError, match=r"expected q \[..., L, d\], k \[..., S, d\]"):
+        attention.tiled_attention(q, k, torch.zeros(5, 8))
+    with pytest.raises(ValueError, match="expected k to be a floating-point tensor"):
+        attention.tiled_attention(q, torch.zeros(4, 8, dtype=torch.long), v)
+    with pytest.raises(ValueError, match="expected v to be a floating-point tensor"):
+        attention.tiled_attention(q, k, torch.zeros(8))
