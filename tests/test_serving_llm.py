@@ -84,6 +84,42 @@ def test_concurrent_greedy_equals_generate_alone(model, mode):
         assert reason == "length"
 
 
+def test_prefix_caching_gives_the_same_tokens_and_skips_the_shared_prompt(model):
+    g = torch.Generator().manual_seed(2)
+    system = torch.randint(0, model.config.vocab_size, (21,), generator=g).tolist()
+    cases = [(system + torch.randint(0, model.config.vocab_size, (q,), generator=g).tolist(),
+              n) for q, n in [(2, 9), (5, 4), (1, 12), (7, 6), (3, 8), (4, 3)]]
+    engine = LLMEngine(model, num_blocks=24, block_size=4, max_batch=3, prefix_caching=True)
+
+    async def run():
+        first = await collect(engine, *cases[0])  # its prompt's blocks are now remembered
+        return [first] + await asyncio.gather(*(collect(engine, p, n) for p, n in cases[1:]))
+
+    with engine:
+        results = asyncio.run(run())
+        assert engine.stats()["running"] == 0 and engine.stats()["blocks_free"] == 24
+    for (prompt, n), (ids, _, _) in zip(cases, results, strict=True):
+        assert ids == greedy(model, prompt, n)
+    # 5 later prompts found the system prompt's 5 whole blocks (20 of its 21 tokens).
+    assert engine.cache.prefix_hits == 5 * 20
+
+
+def test_static_batch_holds_its_rows_until_the_longest_reply_ends(model):
+    seen = []
+    engine = LLMEngine(model, num_blocks=32, block_size=8, max_batch=4, mode="static",
+                       static_window=1.0, on_step=lambda stats: seen.append(stats["running"]))
+
+    async def run():
+        return await asyncio.gather(*(collect(engine, [1, 2, 3], n) for n in (2, 5, 20, 3)))
+
+    with engine:
+        results = asyncio.run(run())
+    assert [len(ids) for ids, _, _ in results] == [2, 5, 20, 3]
+    # 19 decoding steps after the prefills: four rows (the padding included) through the
+    # 18 steps before the last, and the last retires them all at once.
+    assert seen[:18] == [4] * 18 and seen[18] == 0
+
+
 def test_sampling_is_reproducible_with_a_seed(model):
     prompt = [5, 6, 7]
 

@@ -331,3 +331,93 @@ def test_decode_step_checks_before_changing_anything(model):
     wrong = PagedKVCache(3, 4, 8, num_blocks=2)
     with pytest.raises(ValueError, match="for_model"):
         prefill(model, wrong, "a", [1])
+
+
+# --------------------------------------------------------------------------- padding rows
+def test_padding_rows_cost_a_row_and_change_nothing(model):
+    """A static batch keeps a finished sequence as a padding row: the other rows' logits
+    are unchanged, the finished sequence's length is unchanged, and so is its cache."""
+    cache = PagedKVCache.for_model(model.config, num_blocks=30, block_size=4,
+                                   dtype=torch.float64)
+    for i in range(3):
+        prefill(model, cache, i, PROMPTS[i])
+    before = [cache.gather(2, layer) for layer in range(model.config.n_layers)]
+    length = cache.length(2)
+    plain = decode_step(model, cache, [0, 1], [4, 5])
+    for s in (0, 1):  # undo the step, then take it again with a padding row
+        cache._lengths[s] -= 1
+    padded = decode_step(model, cache, [0, 1], [4, 5], padding={2: PROMPTS[2][-1]})
+    torch.testing.assert_close(padded, plain)
+    assert padded.shape == (2, model.config.vocab_size) and cache.length(2) == length
+    for layer, (k, v) in enumerate(before):
+        torch.testing.assert_close(cache.gather(2, layer), (k, v))
+    with pytest.raises(ValueError, match="padding rows must be other sequences"):
+        decode_step(model, cache, [0, 1], [4, 5], padding={1: 3})
+
+
+# --------------------------------------------------------------------------- prefix caching
+def test_allocator_counts_owners():
+    alloc = BlockAllocator(3)
+    b = alloc.allocate()
+    alloc.share(b)
+    assert alloc.owners(b) == 2 and alloc.num_free == 2
+    assert alloc.free(b) is False and alloc.num_free == 2
+    assert alloc.free(b) is True and alloc.num_free == 3 and alloc.owners(b) == 0
+    with pytest.raises(ValueError, match="not allocated"):
+        alloc.share(b)
+
+
+def test_prefix_cache_shares_whole_blocks_and_gives_the_same_logits(model):
+    system = [3, 14, 15, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6]  # 19 tokens
+    questions = [[26, 43], [38, 32, 7, 9, 5], [1]]
+    cache = PagedKVCache.for_model(model.config, num_blocks=40, block_size=4,
+                                   dtype=torch.float64, prefix_caching=True)
+    cached = []
+    for i, q in enumerate(questions):
+        prompt = system + q
+        cached.append(cache.add_sequence(i, prompt))
+        logits = prefill(model, cache, i, prompt[cached[-1]:])
+        cache.remember_prefix(i, prompt)
+        torch.testing.assert_close(logits, model(torch.tensor([prompt]))[0, -1])
+    assert cached == [0, 16, 16]  # 4 whole blocks of the 19-token system prompt
+    assert cache.block_table(1)[:4] == cache.block_table(0)[:4] == cache.block_table(2)[:4]
+    assert cache.prefix_hits == 32 and cache.prefix_queries == 3 * 19 + 8
+    # The same prompt again: everything but its last token comes from the cache... in
+    # whole blocks: 21 tokens -> 5 blocks = 20 tokens, the last one is computed.
+    assert cache.add_sequence("again", system + questions[0]) == 20
+    cache.free_sequence("again")
+    # A prompt of exactly 4 blocks that is all cached still computes its last block.
+    assert cache.add_sequence("exact", system[:16]) == 12
+    cache.free_sequence("exact")
+    # Decoding after a shared prefix writes new blocks only, never a shared one.
+    shared = set(cache.block_table(0)[:4])
+    out = decode_step(model, cache, [0, 1], [5, 6])
+    assert not shared & {cache.block_table(s)[-1] for s in (0, 1)}
+    for i, token in ((0, 5), (1, 6)):
+        prompt = system + questions[i] + [token]
+        torch.testing.assert_close(out[i], model(torch.tensor([prompt]))[0, -1])
+    for i in range(3):
+        cache.free_sequence(i)
+    # Nothing leaks: the index keeps its blocks, but they all count as free.
+    assert cache.num_free_blocks == cache.num_blocks and cache.num_evictable > 0
+
+
+def test_prefix_cache_evicts_least_recently_used_blocks_when_the_pool_runs_short(model):
+    cache = PagedKVCache.for_model(model.config, num_blocks=6, block_size=4,
+                                   dtype=torch.float64, prefix_caching=True)
+    a, b = list(range(1, 13)), list(range(20, 32))  # 3 blocks each
+    for name, prompt in (("a", a), ("b", b)):
+        n = cache.add_sequence(name, prompt)
+        prefill(model, cache, name, prompt[n:])
+        cache.remember_prefix(name, prompt)
+        cache.free_sequence(name)
+    assert cache.allocator.num_free == 0 and cache.num_free_blocks == 6
+    assert cache.add_sequence("b2", b + [1]) == 12  # b's blocks are now the most recent
+    cache.free_sequence("b2")
+    # A new 5-block sequence takes the 3 evictable blocks of a first, then 2 of b's.
+    cache.add_sequence("c")
+    cache.reserve("c", 20)
+    assert cache.add_sequence("a2", a + [1]) == 0  # a was evicted
+    assert cache.num_free_blocks == 1
+    with pytest.raises(OutOfBlocksError):
+        cache.reserve("a2", 8)

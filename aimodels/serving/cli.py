@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sequences decoded together (default: 16)")
     serve.add_argument("--llm-mode", choices=["continuous", "static"], default="continuous",
                        help="batching of the language models (default: continuous)")
+    serve.add_argument("--llm-prefix-caching", action="store_true",
+                       help="share the KV-cache blocks of prompts that start alike")
     serve.add_argument("--graceful-timeout", type=float, default=30.0,
                        help="seconds to finish in-flight requests on SIGTERM (default: 30)")
     serve.add_argument("--log-level", default="info",
@@ -197,6 +199,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes, drift_window=args.drift_window,
         llm_max_tokens=args.llm_max_tokens, llm_num_blocks=args.llm_num_blocks,
         llm_max_batch=args.llm_max_batch, llm_mode=args.llm_mode,
+        llm_prefix_caching=args.llm_prefix_caching,
     )
     return 0
 

@@ -236,7 +236,7 @@ class Token:
     finish_reason: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity
 class _Sequence:
     """A request inside the engine (touched by the worker thread only, after submit)."""
 
@@ -246,16 +246,20 @@ class _Sequence:
     temperature: float
     top_p: float | None
     generator: torch.Generator | None
-    emit: Callable[[Any], None]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
     output: list[int] = field(default_factory=list)
     preempted: int = 0
+    finished: bool = False  # all tokens sent (static batching may keep it as padding)
 
     @property
     def context(self) -> list[int]:
         return self.prompt + self.output
 
 
-_CANCELLED = object()
+def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 class LLMEngine:
@@ -264,8 +268,12 @@ class LLMEngine:
     ``num_blocks`` blocks of ``block_size`` tokens make up the cache; at most ``max_batch``
     sequences decode together. ``mode="continuous"`` schedules at every step (see the
     module docstring); ``mode="static"`` admits a batch only when the previous one has
-    finished, after waiting up to ``static_window`` seconds for ``max_batch`` requests.
+    finished, after waiting up to ``static_window`` seconds for ``max_batch`` requests,
+    and decodes it as a fixed-shape batch: a reply that has ended keeps its row, computed
+    as padding, until the longest reply of the batch has ended.
     ``on_step(stats)`` is called from the worker after every step (for metrics).
+    ``prefix_caching=True`` shares the cached blocks of a prompt's remembered prefix
+    (see :class:`~aimodels.serving.paged.PagedKVCache`) instead of computing them again.
 
     Use :meth:`start` and :meth:`stop` (or ``with engine:``), then, on an event loop,
     ``async for token in engine.submit(prompt_ids, max_tokens, ...)``. Leaving the loop
@@ -274,7 +282,8 @@ class LLMEngine:
 
     def __init__(self, model: GPT, tokenizer=None, *, num_blocks: int, block_size: int = 16,
                  max_batch: int = 16, mode: str = "continuous", static_window: float = 0.05,
-                 on_step: Callable[[dict[str, int]], None] | None = None) -> None:
+                 on_step: Callable[[dict[str, int]], None] | None = None,
+                 prefix_caching: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not isinstance(max_batch, int) or max_batch < 1:
@@ -284,7 +293,8 @@ class LLMEngine:
         self.config: GPTConfig = model.config
         self.cache = PagedKVCache.for_model(self.config, num_blocks, block_size,
                                             dtype=model.tok_emb.weight.dtype,
-                                            device=model.tok_emb.weight.device)
+                                            device=model.tok_emb.weight.device,
+                                            prefix_caching=prefix_caching)
         self.max_batch = max_batch
         self.mode = mode
         self.static_window = static_window
@@ -331,8 +341,8 @@ class LLMEngine:
         with self._lock:
             return {"running": len(self._running),
                     "waiting": len(self._waiting) + len(self._inbox),
-                    "blocks_used": self.cache.allocator.num_used,
-                    "blocks_free": self.cache.allocator.num_free}
+                    "blocks_used": self.cache.num_blocks - self.cache.num_free_blocks,
+                    "blocks_free": self.cache.num_free_blocks}
 
     # ------------------------------------------------------------------ requests
     def check_request(self, n_prompt: int, max_tokens: int) -> None:
@@ -378,14 +388,10 @@ class LLMEngine:
                 generator.seed()
             else:
                 generator.manual_seed(seed)
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-
-        def emit(item: Any) -> None:  # called by the worker thread
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
         seq = _Sequence(next(self._ids), prompt, max_tokens, float(temperature),
-                        None if top_p is None or top_p >= 1 else float(top_p), generator, emit)
+                        None if top_p is None or top_p >= 1 else float(top_p), generator,
+                        asyncio.get_running_loop(), queue)
         decoder = TextDecoder(self.tokenizer, stops)
         with self._lock:
             self._inbox.append(seq)
@@ -436,14 +442,15 @@ class LLMEngine:
                 self.step()
         except BaseException as exc:  # report to every client rather than hang them
             logger.exception("the LLM engine stopped on an error")
-            for seq in self._waiting + self._running + self._inbox:
-                seq.emit(exc)
+            self._emit([(seq, exc) for seq in self._waiting + self._running + self._inbox
+                        if not seq.finished])
             raise
         finally:
             with self._lock:
-                for seq in self._waiting + self._running + self._inbox:
-                    if self._stopping:
-                        seq.emit(RuntimeError("the engine was stopped"))
+                if self._stopping:
+                    self._emit([(seq, RuntimeError("the engine was stopped"))
+                                for seq in self._waiting + self._running + self._inbox
+                                if not seq.finished])
                 for seq in self._running:
                     self.cache.free_sequence(seq.id)
                 self._waiting, self._running, self._inbox = [], [], []
@@ -469,21 +476,46 @@ class LLMEngine:
             cancelled, self._cancelled = self._cancelled, set()
             self._drop(cancelled)
 
-    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> int:
-        if seq.temperature == 0:
-            return int(logits.argmax())
-        return int(sample_next(logits[None], seq.temperature, None, seq.top_p,
-                               seq.generator)[0])
+    @staticmethod
+    def _emit(items: list[tuple[_Sequence, Any]]) -> None:
+        """Hand items to their clients' event loops: one wake-up per loop, not per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        for seq, item in items:
+            by_loop.setdefault(seq.loop, []).append((seq.queue, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # that loop has closed: nobody is listening any more
+                pass
 
-    def _push(self, seq: _Sequence, token: int) -> None:
-        """Hand a new token to its client; retire the sequence first if it is the last."""
-        seq.output.append(token)
-        last = len(seq.output) >= seq.max_tokens
-        if last:
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        """One token per row of ``logits`` [B, vocab]; the greedy rows in one argmax."""
+        tokens = logits.argmax(dim=-1).tolist()
+        for b, seq in enumerate(seqs):
+            if seq.temperature > 0:
+                tokens[b] = int(sample_next(logits[b:b + 1], seq.temperature, None,
+                                            seq.top_p, seq.generator)[0])
+        return tokens
+
+    def _push(self, seqs: list[_Sequence], tokens: list[int]) -> None:
+        """Hand new tokens to their clients and retire what has ended.
+
+        Continuous batching frees an ended sequence's blocks at once. A static batch keeps
+        every row (and its blocks) until its longest reply has ended, then frees them all.
+        """
+        for seq, token in zip(seqs, tokens, strict=True):
+            seq.output.append(token)
+            seq.finished = len(seq.output) >= seq.max_tokens
+        if self.mode == "static":
+            retire = self._running if all(s.finished for s in self._running) else []
+        else:
+            retire = [s for s in seqs if s.finished]
+        if retire:
             with self._lock:
-                self._running.remove(seq)
-                self.cache.free_sequence(seq.id)
-        seq.emit((token, last))
+                for seq in retire:
+                    self.cache.free_sequence(seq.id)
+                self._running = [s for s in self._running if s not in retire]
+        self._emit([(seq, (token, seq.finished)) for seq, token in zip(seqs, tokens, strict=True)])
 
     def step(self) -> None:
         """One scheduling iteration: admit and prefill, preempt, decode, retire."""
@@ -494,10 +526,17 @@ class LLMEngine:
             with self._lock:
                 seq = self._waiting.pop(0)
                 self._running.append(seq)
-            logits = prefill(self.model, cache, seq.id, seq.context)
-            self._push(seq, self._sample(seq, logits))
-        batch = list(self._running)
-        while sum(cache.blocks_needed(s.id, 1) for s in batch) > cache.allocator.num_free:
+            context = seq.context
+            cached = cache.add_sequence(seq.id, context)  # a remembered prefix, if any
+            try:
+                logits = prefill(self.model, cache, seq.id, context[cached:])
+            except BaseException:
+                cache.free_sequence(seq.id)
+                raise
+            cache.remember_prefix(seq.id, context)
+            self._push([seq], self._sample([seq], logits[None]))
+        batch = [s for s in self._running if not s.finished]
+        while sum(cache.blocks_needed(s.id, 1) for s in batch) > cache.num_free_blocks:
             victim = batch.pop()  # the youngest: first come, first served
             with self._lock:
                 self._running.remove(victim)
@@ -505,10 +544,11 @@ class LLMEngine:
                 victim.preempted += 1
                 self._waiting.insert(0, victim)
         if batch:
+            padding = {s.id: s.context[cache.length(s.id) - 1]
+                       for s in self._running if s.finished}  # static batching only
             logits = decode_step(self.model, cache, [s.id for s in batch],
-                                 [s.output[-1] for s in batch])
-            for seq, row in zip(batch, logits, strict=True):
-                self._push(seq, self._sample(seq, row))
+                                 [s.output[-1] for s in batch], padding=padding)
+            self._push(batch, self._sample(batch, logits))
             self.steps += 1
         self._report()
 
@@ -529,7 +569,8 @@ class LLMService:
 
     def __init__(self, store, metrics=None, *, models: list[str] | None = None,
                  max_tokens: int = 256, num_blocks: int | None = None, block_size: int = 16,
-                 max_batch: int = 16, mode: str = "continuous") -> None:
+                 max_batch: int = 16, mode: str = "continuous",
+                 prefix_caching: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not isinstance(max_tokens, int) or max_tokens < 1:
@@ -539,7 +580,8 @@ class LLMService:
         self.models = models
         self.max_tokens = max_tokens
         self.options = {"num_blocks": num_blocks, "block_size": block_size,
-                        "max_batch": max_batch, "mode": mode}
+                        "max_batch": max_batch, "mode": mode,
+                        "prefix_caching": prefix_caching}
         self.engines: dict[str, LLMEngine] = {}
         self.versions: dict[str, int] = {}
         self.created: dict[str, int] = {}

@@ -56,6 +56,7 @@ name                        what it does
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -103,6 +104,10 @@ class BlockAllocator:
     Freeing a block that is not currently allocated (a double free) or that does not
     belong to this pool raises ``ValueError``: both are bugs that would otherwise let two
     sequences write into the same block.
+
+    A block can have several owners (prefix caching shares a block between sequences with
+    the same first tokens): :meth:`share` adds an owner, :meth:`free` removes one, and
+    the block goes back to the pool when its last owner has freed it.
     """
 
     def __init__(self, num_blocks: int) -> None:
@@ -110,7 +115,7 @@ class BlockAllocator:
         self.num_blocks = num_blocks
         # A stack of free blocks, lowest number on top, so allocation order is predictable.
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
-        self._used: set[int] = set()
+        self._refs: dict[int, int] = {}  # allocated block -> number of owners
 
     @property
     def num_free(self) -> int:
@@ -118,7 +123,11 @@ class BlockAllocator:
 
     @property
     def num_used(self) -> int:
-        return len(self._used)
+        return len(self._refs)
+
+    def owners(self, block: int) -> int:
+        """How many owners ``block`` has (0 if it is free)."""
+        return self._refs.get(block, 0)
 
     def allocate(self) -> int:
         """Return a free block number, now owned by the caller."""
@@ -131,19 +140,31 @@ class BlockAllocator:
             raise OutOfBlocksError(f"asked for {n} block(s) but only {len(self._free)} of "
                                    f"{self.num_blocks} are free")
         blocks = [self._free.pop() for _ in range(n)]
-        self._used.update(blocks)
+        self._refs.update(dict.fromkeys(blocks, 1))
         return blocks
 
-    def free(self, block: int) -> None:
-        """Give ``block`` back to the pool."""
+    def _check_allocated(self, block: int) -> None:
         if not isinstance(block, int) or isinstance(block, bool) \
                 or not 0 <= block < self.num_blocks:
             raise ValueError(f"block {block!r} is not a block of this pool; expected an int "
                              f"in [0, {self.num_blocks})")
-        if block not in self._used:
+        if block not in self._refs:
             raise ValueError(f"block {block} is not allocated (double free?)")
-        self._used.remove(block)
+
+    def share(self, block: int) -> None:
+        """Add an owner to an allocated block."""
+        self._check_allocated(block)
+        self._refs[block] += 1
+
+    def free(self, block: int) -> bool:
+        """Remove one owner of ``block``; return True if that was the last (block is free)."""
+        self._check_allocated(block)
+        self._refs[block] -= 1
+        if self._refs[block]:
+            return False
+        del self._refs[block]
         self._free.append(block)
+        return True
 
     def __repr__(self) -> str:
         return f"BlockAllocator(num_blocks={self.num_blocks}, free={self.num_free})"
@@ -153,43 +174,61 @@ class BlockAllocator:
 class PagedKVCache:
     r"""Keys and values of many sequences in one pool of fixed-size blocks.
 
-    ``keys`` and ``values`` are each ``[n_layers, num_blocks, block_size, n_heads,
+    ``keys`` and ``values`` are each ``[n_layers, n_heads, num_blocks, block_size,
     head_dim]``. A block holds ``block_size`` consecutive tokens of one sequence in every
     layer, so one allocation serves all layers of a decoding step. Putting the token axis
     next to the block axis means a (block, offset) pair flattens to one *slot* number,
     ``block * block_size + offset``, and reading or writing a set of tokens is a single
-    indexing operation on the ``[num_blocks * block_size, n_heads, head_dim]`` view.
+    indexing operation on the ``[n_heads, num_blocks * block_size, head_dim]`` view of a
+    layer. Heads come first so that what attention reads, each head's keys of a sequence,
+    lies contiguous in memory once gathered.
 
     A decoding step for one sequence is :meth:`reserve` (extend its length by ``t``
     tokens, allocating any blocks that needs, once for all layers) followed by one
     :meth:`write` per layer at the returned start position; :meth:`gather` reads a
     sequence back as contiguous ``[n_heads, length, head_dim]`` tensors.
     :meth:`append` does reserve-and-write for all layers in one call.
+
+    With ``prefix_caching=True`` the cache also remembers the full blocks of the prompts
+    it has seen (:meth:`remember_prefix`), keyed by all the tokens up to the end of the
+    block, and a new sequence starts with the blocks of its longest remembered prefix
+    (:meth:`add_sequence` with ``tokens``), shared rather than computed again. A block
+    only the index holds is *evictable*: it counts as free, and is taken back, least
+    recently used first, when the pool runs short.
     """
 
     def __init__(self, n_layers: int, n_heads: int, head_dim: int, block_size: int = 16,
                  num_blocks: int = 256, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", prefix_caching: bool = False) -> None:
         for name, value in (("n_layers", n_layers), ("n_heads", n_heads),
                             ("head_dim", head_dim), ("block_size", block_size),
                             ("num_blocks", num_blocks)):
             _check_count(name, value)
         self.n_layers, self.n_heads, self.head_dim = n_layers, n_heads, head_dim
         self.block_size, self.num_blocks = block_size, num_blocks
-        shape = (n_layers, num_blocks, block_size, n_heads, head_dim)
+        shape = (n_layers, n_heads, num_blocks, block_size, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # Reused buffers for the keys and values a decoding step gathers: allocating
+        # megabytes afresh every layer of every step costs more than the attention itself.
+        self._workspace = [torch.empty(0, dtype=dtype, device=device) for _ in range(2)]
         self.allocator = BlockAllocator(num_blocks)
         self._tables: dict[SeqId, list[int]] = {}
         self._lengths: dict[SeqId, int] = {}
+        self.prefix_caching = bool(prefix_caching)
+        # Prefix index: the tokens 0 .. end of a block -> that physical block (it owns one
+        # reference), least recently used first. Counters of prompt tokens found cached.
+        self._prefix: OrderedDict[tuple[int, ...], int] = OrderedDict()
+        self.prefix_hits = 0  # prompt tokens whose keys and values were reused
+        self.prefix_queries = 0  # prompt tokens looked up
 
     @classmethod
     def for_model(cls, config, num_blocks: int, block_size: int = 16,
-                  dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu") -> PagedKVCache:
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                  prefix_caching: bool = False) -> PagedKVCache:
         """A pool shaped for a :class:`~aimodels.gpt.GPTConfig`."""
         return cls(config.n_layers, config.n_heads, config.head_dim, block_size, num_blocks,
-                   dtype, device)
+                   dtype, device, prefix_caching)
 
     # ------------------------------------------------------------------ sequences
     @property
@@ -204,12 +243,92 @@ class PagedKVCache:
             raise KeyError(f"unknown sequence {seq_id!r}; call add_sequence first "
                            f"(known: {self.seq_ids})")
 
-    def add_sequence(self, seq_id: SeqId) -> None:
-        """Register a new, empty sequence. Blocks come later, as its tokens arrive."""
+    def add_sequence(self, seq_id: SeqId, tokens: Sequence[int] = ()) -> int:
+        """Register a new sequence; return how many of its ``tokens`` are already cached.
+
+        Without prefix caching (or without ``tokens``) the sequence starts empty and its
+        blocks come later, as its tokens arrive. With it, the sequence starts with the
+        blocks of the longest remembered prefix of ``tokens`` (whole blocks only, and
+        never all of ``tokens``: the last one must be computed to give the logits), and
+        its length is the number of tokens they hold: compute only the rest.
+        """
         if seq_id in self._tables:
             raise ValueError(f"sequence {seq_id!r} is already in the cache")
-        self._tables[seq_id] = []
-        self._lengths[seq_id] = 0
+        blocks = self._match_prefix(tokens) if self.prefix_caching else []
+        for block in blocks:
+            self.allocator.share(block)
+        self._tables[seq_id] = blocks
+        self._lengths[seq_id] = len(blocks) * self.block_size
+        if self.prefix_caching and len(tokens):
+            self.prefix_queries += len(tokens)
+            self.prefix_hits += self._lengths[seq_id]
+        return self._lengths[seq_id]
+
+    # ------------------------------------------------------------------ prefix caching
+    def _match_prefix(self, tokens: Sequence[int]) -> list[int]:
+        tokens = tuple(int(t) for t in tokens)
+        blocks = []
+        for i in range((len(tokens) - 1) // self.block_size):  # leave >= 1 token to compute
+            key = tokens[:(i + 1) * self.block_size]
+            block = self._prefix.get(key)
+            if block is None:
+                break
+            self._prefix.move_to_end(key)  # most recently used
+            blocks.append(block)
+        return blocks
+
+    def remember_prefix(self, seq_id: SeqId, tokens: Sequence[int]) -> int:
+        """Index the full blocks of ``tokens``, the sequence's first tokens, now computed.
+
+        Call it once the keys and values of ``tokens`` are in the cache in every layer
+        (after the prefill). Blocks already indexed are left alone. Returns how many
+        blocks the index gained. A no-op without prefix caching.
+        """
+        self._require(seq_id)
+        if not self.prefix_caching:
+            return 0
+        tokens = tuple(int(t) for t in tokens)
+        if len(tokens) > self._lengths[seq_id]:
+            raise ValueError(f"sequence {seq_id!r} holds {self._lengths[seq_id]} tokens, "
+                             f"fewer than the {len(tokens)} to remember")
+        added = 0
+        table = self._tables[seq_id]
+        for i in range(len(tokens) // self.block_size):
+            key = tokens[:(i + 1) * self.block_size]
+            if key not in self._prefix:
+                self._prefix[key] = table[i]
+                self.allocator.share(table[i])  # the index owns a reference
+                added += 1
+        return added
+
+    def clear_prefixes(self) -> int:
+        """Forget every remembered prefix (sequences keep their blocks); return how many."""
+        n = len(self._prefix)
+        while self._prefix:
+            self.allocator.free(self._prefix.popitem()[1])
+        return n
+
+    @property
+    def num_evictable(self) -> int:
+        """Indexed blocks no sequence uses: free for the taking, kept while they last."""
+        return sum(1 for b in self._prefix.values() if self.allocator.owners(b) == 1)
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks a sequence can get now: the free ones plus the evictable ones."""
+        return self.allocator.num_free + (self.num_evictable if self._prefix else 0)
+
+    def _allocate(self, n: int) -> list[int]:
+        """``n`` blocks from the free list, evicting least recently used prefixes if short."""
+        if n > self.num_free_blocks:
+            raise OutOfBlocksError(f"asked for {n} block(s) but only {self.num_free_blocks} "
+                                   f"of {self.num_blocks} are free")
+        for key in list(self._prefix):
+            if self.allocator.num_free >= n:
+                break
+            if self.allocator.owners(self._prefix[key]) == 1:
+                self.allocator.free(self._prefix.pop(key))
+        return self.allocator.allocate_many(n)
 
     def free_sequence(self, seq_id: SeqId) -> int:
         """Forget a sequence and return its blocks to the pool; return how many."""
@@ -237,7 +356,7 @@ class PagedKVCache:
 
     def can_admit(self, n_tokens: int) -> bool:
         """Whether a new sequence of ``n_tokens`` tokens fits in the free blocks now."""
-        return self.blocks_for(n_tokens) <= self.allocator.num_free
+        return self.blocks_for(n_tokens) <= self.num_free_blocks
 
     def blocks_needed(self, seq_id: SeqId, n_tokens: int) -> int:
         """New blocks the sequence must get to grow by ``n_tokens`` tokens."""
@@ -248,7 +367,7 @@ class PagedKVCache:
 
     def can_append(self, seq_id: SeqId, n_tokens: int) -> bool:
         """Whether the pool has the free blocks to grow the sequence by ``n_tokens``."""
-        return self.blocks_needed(seq_id, n_tokens) <= self.allocator.num_free
+        return self.blocks_needed(seq_id, n_tokens) <= self.num_free_blocks
 
     def reserve(self, seq_id: SeqId, n_tokens: int) -> int:
         """Grow the sequence by ``n_tokens`` slots and return the position of the first.
@@ -258,12 +377,12 @@ class PagedKVCache:
         for these positions; until it has, they hold stale numbers.
         """
         needed = self.blocks_needed(seq_id, n_tokens)
-        if needed > self.allocator.num_free:
+        if needed > self.num_free_blocks:
             raise OutOfBlocksError(
                 f"sequence {seq_id!r} needs {needed} more block(s) of {self.block_size} tokens "
-                f"to grow by {n_tokens} token(s), but only {self.allocator.num_free} of "
+                f"to grow by {n_tokens} token(s), but only {self.num_free_blocks} of "
                 f"{self.num_blocks} are free; free a sequence or wait")
-        self._tables[seq_id].extend(self.allocator.allocate_many(needed))
+        self._tables[seq_id].extend(self._allocate(needed))
         start = self._lengths[seq_id]
         self._lengths[seq_id] = start + n_tokens
         return start
@@ -286,12 +405,36 @@ class PagedKVCache:
             + positions % self.block_size
         return slots.to(self.keys.device)
 
+    def slot(self, seq_id: SeqId, position: int) -> int:
+        """The physical slot of one reserved position (a plain int, for a decoding step)."""
+        self._require(seq_id)
+        if not 0 <= position < self._lengths[seq_id]:
+            raise ValueError(f"position {position} is outside sequence {seq_id!r}, which has "
+                             f"{self._lengths[seq_id]} reserved positions; reserve it first")
+        block, offset = divmod(position, self.block_size)
+        return self._tables[seq_id][block] * self.block_size + offset
+
     def _flat(self, layer: int) -> tuple[Tensor, Tensor]:
-        """Layer ``layer``'s keys and values as ``[num_blocks * block_size, n_heads, head_dim]``."""
+        """Layer ``layer``'s keys and values as ``[n_heads, num_blocks * block_size, head_dim]``."""
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
             raise ValueError(f"layer must be an int in [0, {self.n_layers}), got {layer!r}")
-        shape = (self.num_blocks * self.block_size, self.n_heads, self.head_dim)
+        shape = (self.n_heads, self.num_blocks * self.block_size, self.head_dim)
         return self.keys[layer].view(shape), self.values[layer].view(shape)
+
+    def gather_slots(self, layer: int, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values at ``slots`` (any shape ``[...]``) as ``[n_heads, ..., head_dim]``.
+
+        The result lives in a buffer that the next call overwrites: use it at once.
+        """
+        out = []
+        for i, pool in enumerate(self._flat(layer)):
+            n = self.n_heads * slots.numel() * self.head_dim
+            if self._workspace[i].numel() < n:
+                self._workspace[i] = torch.empty(n, dtype=pool.dtype, device=pool.device)
+            buffer = self._workspace[i][:n].view(self.n_heads, slots.numel(), self.head_dim)
+            torch.index_select(pool, 1, slots.reshape(-1), out=buffer)
+            out.append(buffer.view(self.n_heads, *slots.shape, self.head_dim))
+        return out[0], out[1]
 
     def write_slots(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """Store tokens ``k``, ``v`` ``[n_tokens, n_heads, head_dim]`` at physical ``slots``."""
@@ -301,8 +444,8 @@ class PagedKVCache:
                 raise ValueError(f"expected {name} of shape [n_tokens, n_heads, head_dim] = "
                                  f"{list(expected)}, got {list(x.shape)}")
         keys, values = self._flat(layer)
-        keys[slots] = k.to(keys.dtype)
-        values[slots] = v.to(values.dtype)
+        keys[:, slots] = k.transpose(0, 1).to(keys.dtype)
+        values[:, slots] = v.transpose(0, 1).to(values.dtype)
 
     def write(self, layer: int, seq_id: SeqId, k: Tensor, v: Tensor, start: int) -> None:
         """Store ``k``, ``v`` ``[n_heads, t, head_dim]`` at positions ``start .. start+t-1``."""
@@ -330,7 +473,7 @@ class PagedKVCache:
         """A sequence's keys and values in ``layer``, contiguous ``[n_heads, length, head_dim]``."""
         slots = self.slot_mapping(seq_id, 0, self.length(seq_id))
         keys, values = self._flat(layer)
-        return keys[slots].transpose(0, 1), values[slots].transpose(0, 1)
+        return keys[:, slots], values[:, slots]
 
     def padded_block_tables(self, seq_ids: Sequence[SeqId]) -> tuple[Tensor, Tensor]:
         """Block tables ``[B, max_blocks]`` (padded with block 0) and lengths ``[B]``."""
@@ -408,16 +551,15 @@ def paged_attention(q: Tensor, cache: PagedKVCache, layer: int,
     tables, lengths = cache.padded_block_tables(seq_ids)
     if len(seq_ids) and int(lengths.min()) == 0:
         raise ValueError("every sequence needs at least one cached token to attend to")
-    keys, values = cache._flat(layer)
     batch, width, bs = tables.shape[0], tables.shape[1], cache.block_size
     # Slot of every (sequence, logical position): the block table applied to each block.
     slots = (tables[:, :, None] * bs + torch.arange(bs, device=tables.device)).view(batch, -1)
-    k = keys[slots].permute(0, 2, 1, 3)  # [B, S, h, d] -> [B, h, S, d], S = width * bs
-    v = values[slots].permute(0, 2, 1, 3)
+    k, v = cache.gather_slots(layer, slots)  # each [h, B, S, d], S = width * bs
     valid = torch.arange(width * bs, device=tables.device) < lengths[:, None]  # [B, S]
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(cache.head_dim)  # [B, h, 1, S]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
+    q = q.transpose(0, 1)  # [h, B, 1, d]: heads outside, like the gathered keys
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(cache.head_dim)  # [h, B, 1, S]
+    scores = scores.masked_fill(~valid[None, :, None, :], float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).transpose(0, 1)  # [B, h, 1, d]
 
 
 # --------------------------------------------------------------------------- the model
@@ -488,7 +630,8 @@ def prefill(model, cache: PagedKVCache, seq_id: SeqId, prompt_ids) -> Tensor:
 
 
 @torch.no_grad()
-def decode_step(model, cache: PagedKVCache, seq_ids: Sequence[SeqId], last_tokens) -> Tensor:
+def decode_step(model, cache: PagedKVCache, seq_ids: Sequence[SeqId], last_tokens,
+                padding: dict[SeqId, int] | None = None) -> Tensor:
     """One decoding step for a batch of sequences of any lengths: logits ``[B, vocab]``.
 
     ``last_tokens[b]`` is the newest token of ``seq_ids[b]``; it goes in at position
@@ -497,6 +640,12 @@ def decode_step(model, cache: PagedKVCache, seq_ids: Sequence[SeqId], last_token
     attends to its own sequence only (:func:`paged_attention`). Every sequence needs at
     most one new block; if the pool has fewer free blocks than the batch needs,
     :class:`OutOfBlocksError` is raised before anything changes.
+
+    ``padding`` maps finished sequences that still hold a row of a fixed-shape batch
+    (static batching) to the token at their last cached position. Each such row computes
+    that position again, the same work as a real row: its keys and values are written
+    over the slot they already occupy, the cache length does not change, and its logits
+    are dropped. This is what a padded batch costs, without a second model.
     """
     _check_model(model, cache)
     config = model.config
@@ -514,12 +663,25 @@ def decode_step(model, cache: PagedKVCache, seq_ids: Sequence[SeqId], last_token
         raise ValueError(f"sequences {too_long} already fill the context length "
                          f"{config.context_length}")
     needed = sum(cache.blocks_needed(s, 1) for s in seq_ids)
-    if needed > cache.allocator.num_free:
+    if needed > cache.num_free_blocks:
         raise OutOfBlocksError(f"this step needs {needed} new block(s) but only "
-                               f"{cache.allocator.num_free} are free; free or preempt a "
+                               f"{cache.num_free_blocks} are free; free or preempt a "
                                f"sequence first")
-    slots = torch.cat([cache.slot_mapping(s, cache.reserve(s, 1), 1) for s in seq_ids])
+    padding = dict(padding or {})
+    pads = list(padding)
+    if set(pads) & set(seq_ids) or any(cache.length(s) == 0 for s in pads):
+        raise ValueError(f"padding rows must be other sequences with at least one cached "
+                         f"token; got {pads} for a batch of {seq_ids}")
+    if pads:
+        _as_ids(list(padding.values()), config.vocab_size)
+    positions += [cache.length(s) - 1 for s in pads]
+    for s in seq_ids:
+        cache.reserve(s, 1)
+    rows = seq_ids + pads
+    slots = torch.tensor([cache.slot(s, p) for s, p in zip(rows, positions, strict=True)],
+                         dtype=torch.long, device=cache.keys.device)
     device = model.tok_emb.weight.device
+    tokens = torch.cat([tokens, torch.tensor([padding[s] for s in pads], dtype=torch.long)])
     tokens = tokens.to(device)
     x = model.tok_emb(tokens) + model.pos_emb(torch.tensor(positions, device=device))
     x = x[:, None]  # [B, 1, d_model]: one token per sequence
@@ -527,9 +689,9 @@ def decode_step(model, cache: PagedKVCache, seq_ids: Sequence[SeqId], last_token
         h = block.ln_1(x)
         q, k, v = block.attn.project_heads(h, h, h)  # each [B, heads, 1, head_dim]
         cache.write_slots(layer, slots, k[:, :, 0], v[:, :, 0])
-        x = x + block.attn.merge_heads(paged_attention(q, cache, layer, seq_ids))
+        x = x + block.attn.merge_heads(paged_attention(q, cache, layer, rows))
         x = x + block.mlp(block.ln_2(x))
-    return model.ln_f(x[:, 0]) @ model.tok_emb.weight.T
+    return model.ln_f(x[:len(seq_ids), 0]) @ model.tok_emb.weight.T
 
 
 # --------------------------------------------------------------------------- a scheduler
@@ -601,7 +763,7 @@ def generate_continuous(model, cache: PagedKVCache, requests: Sequence[Request],
             requests[i].output.append(int(logits.argmax()))
             running.append(i)
         batch = [i for i in running if len(requests[i].output) < requests[i].max_new_tokens]
-        while sum(cache.blocks_needed(i, 1) for i in batch) > cache.allocator.num_free:
+        while sum(cache.blocks_needed(i, 1) for i in batch) > cache.num_free_blocks:
             # The latest admitted of those still decoding: first come, first served.
             victim = next(i for i in reversed(running) if i in batch)
             running.remove(victim)

@@ -613,6 +613,7 @@ def create_app(
     llm_block_size: int = 16,
     llm_max_batch: int = 16,
     llm_mode: str = "continuous",
+    llm_prefix_caching: bool = False,
 ) -> FastAPI:
     """Build the v2 inference app over a model store (see the module docstring).
 
@@ -625,7 +626,8 @@ def create_app(
     Models whose config says ``"architecture": "gpt"`` are served on ``/v1`` by an
     `LLMEngine` each instead: `llm_max_tokens` caps a reply, `llm_num_blocks` (default:
     room for `llm_max_batch` full contexts) and `llm_block_size` size the KV cache, and
-    `llm_mode` is ``continuous`` or ``static`` batching.
+    `llm_mode` is ``continuous`` or ``static`` batching; `llm_prefix_caching` reuses
+    the cached blocks of prompts that start alike.
     """
     if not isinstance(store, ModelStore):
         store = ModelStore(Path(store))
@@ -641,7 +643,8 @@ def create_app(
                            drift_window=drift_window)
     llm = LLMService(store, metrics, models=models, max_tokens=llm_max_tokens,
                      num_blocks=llm_num_blocks, block_size=llm_block_size,
-                     max_batch=llm_max_batch, mode=llm_mode)
+                     max_batch=llm_max_batch, mode=llm_mode,
+                     prefix_caching=llm_prefix_caching)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
