@@ -5,12 +5,12 @@ one line that says which: "Correct: ..." or "Not yet: ... Hint: ...". A wrong an
 matches a common slip gets a hint that names the slip. A stub (a body that raises
 ``NotImplementedError``, or an answer left as ``...``), an exception inside the learner's
 code, and a call to the library function an exercise asks the learner to write all get
-"Not yet" too, never a traceback. One module per chapter: ``ch01`` ... ``ch12``.
+"Not yet" too, never a traceback. One module per chapter: ``ch01`` ... ``ch13``.
 """
 
 from __future__ import annotations
 
-from . import ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch12
+from . import ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch12, ch13
 from .ch01 import check_mlp_parameters, check_training_days, check_weights_gb
 from .ch02 import check_adagrad, check_adam_first_step, check_max_stable_lr
 from .ch03 import check_ce_grad, check_double_softmax_floor, check_numerical_grad
@@ -27,20 +27,30 @@ from .ch12 import (
     check_psi,
     check_v2_request,
 )
+from .ch13 import (
+    check_continuous_steps,
+    check_kv_blocks,
+    check_parse_sse,
+    check_ridge_batch,
+    check_shared_prefix_blocks,
+    check_static_steps,
+)
 
 CHAPTERS = {
     1: ch01, 2: ch02, 3: ch03, 4: ch04, 5: ch05, 6: ch06, 7: ch07, 8: ch08, 9: ch09,
-    12: ch12,
+    12: ch12, 13: ch13,
 }
 
 __all__ = [
     "check_adagrad", "check_adam_first_step", "check_attention", "check_batch_throughput",
     "check_bpe_merge", "check_causal_mask", "check_ce_grad", "check_chinese_number",
-    "check_conv2d", "check_conv_output_size", "check_distinct_n", "check_double_softmax_floor",
-    "check_embedding_matmul", "check_kv_cache_gb", "check_littles_law", "check_max_stable_lr",
-    "check_mha_parameters", "check_mlp_parameters", "check_nearest_rank",
-    "check_numerical_grad", "check_pad_batch", "check_pe_norm", "check_perplexity", "check_psi",
-    "check_receptive_field", "check_rnn_forward", "check_rnn_parameters", "check_sinusoidal",
+    "check_continuous_steps", "check_conv2d", "check_conv_output_size", "check_distinct_n",
+    "check_double_softmax_floor", "check_embedding_matmul", "check_kv_blocks",
+    "check_kv_cache_gb", "check_littles_law", "check_max_stable_lr", "check_mha_parameters",
+    "check_mlp_parameters", "check_nearest_rank", "check_numerical_grad", "check_pad_batch",
+    "check_parse_sse", "check_pe_norm", "check_perplexity", "check_psi",
+    "check_receptive_field", "check_ridge_batch", "check_rnn_forward", "check_rnn_parameters",
+    "check_shared_prefix_blocks", "check_sinusoidal", "check_static_steps",
     "check_top_p_filter", "check_training_days", "check_v2_request", "check_vanishing_steps",
     "check_weights_gb",
 ]

@@ -144,12 +144,11 @@ def publish_tiny_gpt(store, name: str = "tiny-gpt", seconds: float = 30, seed: i
     tokenizer, train_ids, val_ids = corpus["tokenizer"], corpus["train"], corpus["val"]
     config = GPTConfig(vocab_size=tokenizer.vocab_size, context_length=64, d_model=96,
                        n_heads=4, n_layers=2)
-    probe = GPT(config)
-    start = time.perf_counter()
-    gpt.pretrain(probe, train_ids, val_ids, steps=5, batch_size=32, warmup_steps=1,
-                 eval_every=1000, progress=False, seed=seed)
-    per_step = (time.perf_counter() - start) / 5
-    steps = max(50, min(600, int(seconds * 0.85 / per_step)))
+    probe = GPT(config)  # time a few steps (not the final evaluation) to size the run
+    trial = gpt.pretrain(probe, train_ids, val_ids, steps=8, batch_size=32, warmup_steps=1,
+                         eval_every=1000, progress=False, seed=seed)
+    per_step = trial["train_seconds"][0] / 8
+    steps = max(20, min(600, int(seconds * 0.9 / per_step)))
     torch.manual_seed(seed)
     model = GPT(config)
     history = gpt.pretrain(model, train_ids, val_ids, steps=steps, batch_size=32,
@@ -158,7 +157,7 @@ def publish_tiny_gpt(store, name: str = "tiny-gpt", seconds: float = 30, seed: i
                            eval_every=steps, seed=seed, progress=False)
     model.eval()
     metrics = {"val_loss": history["val_loss"][-1], "steps": float(steps),
-               "train_seconds": history["seconds"][0]}
+               "train_seconds": history["train_seconds"][0]}
     return store.publish(name, model.state_dict(), gpt_config(config), metrics=metrics,
                          aliases=list(aliases),
                          extra_files={TOKENIZER_FILE: json.dumps(tokenizer.merges)})
@@ -337,9 +336,14 @@ class LLMEngine:
         return self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> dict[str, int]:
-        """Sequences running and waiting, KV blocks used and free (a consistent snapshot)."""
+        """Sequences running, decoding and waiting, KV blocks used and free (a snapshot).
+
+        ``running`` counts the rows of the batch; ``decoding`` those still generating
+        (in a static batch the others are padding until the longest reply ends).
+        """
         with self._lock:
             return {"running": len(self._running),
+                    "decoding": sum(not s.finished for s in self._running),
                     "waiting": len(self._waiting) + len(self._inbox),
                     "blocks_used": self.cache.num_blocks - self.cache.num_free_blocks,
                     "blocks_free": self.cache.num_free_blocks}
