@@ -4,7 +4,7 @@ Sixteen clients in a closed loop share one :class:`~aimodels.serving.llm.LLMEngi
 send the same requests to each mode (:mod:`aimodels.serving.llmbench`): prompts of 4-64
 tokens, greedy replies either *uniform* (8-200 tokens) or *long-tailed* (exponential, mean
 48, clipped to 4-200). The model has chapter 9's shape with a longer context (random
-weights: speed does not depend on training). The two modes alternate for two rounds and
+weights: speed does not depend on training). The two modes alternate for three rounds and
 each keeps its fastest; both must return the same tokens, which is checked.
 
 Static batching here is request-level batching as a fixed-shape batch runs it: 16
@@ -45,7 +45,7 @@ RATIOS = ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99
           "rows_per_step", "steps")
 
 
-def run(n_requests: int = 192, rounds: int = 2, folder: Path = FIGURES) -> list[dict]:
+def run(n_requests: int = 192, rounds: int = 3, folder: Path = FIGURES) -> list[dict]:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = GPT(CONFIG).eval()
@@ -66,7 +66,7 @@ def run(n_requests: int = 192, rounds: int = 2, folder: Path = FIGURES) -> list[
     return rows
 
 
-def run_prefix(n_requests: int = 96, rounds: int = 2, folder: Path = FIGURES) -> list[dict]:
+def run_prefix(n_requests: int = 96, rounds: int = 3, folder: Path = FIGURES) -> list[dict]:
     """Prefix caching off and on: a 160-token system prompt shared by every request."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -86,7 +86,7 @@ def run_prefix(n_requests: int = 96, rounds: int = 2, folder: Path = FIGURES) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=192)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=FIGURES, help="folder for the CSV")
     args = parser.parse_args()
     rows = run(args.requests, args.rounds, args.out)

@@ -77,7 +77,7 @@ def test_concurrent_greedy_equals_generate_alone(model, mode):
 
     with engine:
         results = asyncio.run(run())
-        assert engine.stats() == {"running": 0, "decoding": 0, "waiting": 0,
+        assert engine.stats() == {"running": 0, "decoding": 0, "tokens": 0, "waiting": 0,
                                   "blocks_used": 0, "blocks_free": 10}
     for (prompt, n), (ids, _, reason) in zip(cases, results, strict=True):
         assert ids == greedy(model, prompt, n)

@@ -234,10 +234,11 @@ def check_ridge_batch(fn: Callable[[float, float, float], int]) -> bool:
                   lambda p, w, b: f"peak_flops={p:.4g}, bandwidth={w:.4g}, bytes_per_param={b:g}",
                   "B is the smallest whole number with 2B / bytes_per_param >= "
                   "peak_flops / bandwidth.")
-    a100 = _ridge_batch(312e12, 2.0e12, 2.0)
-    return _report(True, f"on an A100 (312 TFLOP/s, 2 TB/s) a bf16 decoding step is "
-                         f"memory-bound below a batch of {a100}: until then, more sequences "
-                         "in a batch cost almost no extra time, which is why servers batch.")
+    a100 = _ridge_batch(312e12, 1555e9, 2.0)
+    return _report(True, f"on an A100 40GB (312 TFLOP/s bf16, 1,555 GB/s) a decoding step with "
+                         f"bf16 weights is memory-bound below a batch of {a100}: until then, "
+                         "more sequences in a batch cost almost no extra time, which is why "
+                         "servers batch.")
 
 
 # --------------------------------------------------------------------------- batching

@@ -1,4 +1,4 @@
-"""A small, complete model service (Chapter 12).
+"""A small, complete model service (Chapters 12 and 13).
 
 ========== ==============================================================
 module     holds
@@ -11,8 +11,9 @@ server     the Open Inference Protocol (KServe v2) REST server on FastAPI
 process    start and stop a server subprocess on a free 127.0.0.1 port
 loadtest   closed- and open-loop load generators and latency statistics
 ray_app    the same model as a Ray Serve deployment (scale-out, autoscaling)
-paged      a paged KV cache, paged attention and continuous-batching decode (Chapter 13)
-llm        the LLM engine and the OpenAI-compatible completions API (Chapter 13)
+paged      a paged KV cache with prefix caching, paged attention, batched decoding (Ch. 13)
+llm        the LLM engine (static or continuous batching), the OpenAI completions API
+llmbench   workloads and side-by-side measurements of the LLM engine (Chapter 13)
 cli        the ``aimodels`` console script
 ========== ==============================================================
 

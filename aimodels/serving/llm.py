@@ -28,9 +28,11 @@ vLLM) schedules at every decoding step instead:
 4. *retire* finished or cancelled sequences and free their blocks for the next step.
 
 :class:`LLMEngine` runs that loop in one background thread; ``mode="static"`` runs the
-request-level policy on the same code, for the comparison in ``benchmarks/bench_llm.py``.
-(Our static mode even lets a finished sequence leave early; a padded static batch would go
-on computing it, so the comparison is generous to static batching.)
+request-level policy on the same code, for the comparison in ``benchmarks/bench_llm.py``:
+a batch is admitted together and decoded as a fixed-shape batch, the rows of replies that
+have ended computed as padding until the longest ends. (It is generous to static batching
+in two ways: an ended reply is streamed to its client at once, and each prompt is
+prefilled on its own rather than padded to the longest prompt of the batch.)
 
 **The API: OpenAI's, on the same app.** Clients of LLM services speak the OpenAI API
 (https://platform.openai.com/docs/api-reference/completions), so the official ``openai``
@@ -57,7 +59,8 @@ what the context has left after the prompt; the reply then ends with
 response that stays open, of content type ``text/event-stream``: each event is a line
 ``data: <json>`` followed by a blank line, here a chunk of the completion as soon as its
 tokens are decoded, and the stream ends with ``data: [DONE]``. SSE is plain HTTP (no
-WebSocket upgrade), goes through proxies, and browsers read it with ``EventSource``.
+WebSocket upgrade) and goes through proxies. (Browsers have ``EventSource`` for SSE,
+but it only sends GET requests; a page reads this POST stream with ``fetch``.)
 The client sees the first token after one prefill instead of after the whole reply: the
 *time to first token* (TTFT). The gaps between the following chunks are the
 *inter-token latency* (ITL, or time per output token, TPOT). If the client goes away,
@@ -144,9 +147,10 @@ def publish_tiny_gpt(store, name: str = "tiny-gpt", seconds: float = 30, seed: i
     tokenizer, train_ids, val_ids = corpus["tokenizer"], corpus["train"], corpus["val"]
     config = GPTConfig(vocab_size=tokenizer.vocab_size, context_length=64, d_model=96,
                        n_heads=4, n_layers=2)
-    probe = GPT(config)  # time a few steps (not the final evaluation) to size the run
-    trial = gpt.pretrain(probe, train_ids, val_ids, steps=8, batch_size=32, warmup_steps=1,
-                         eval_every=1000, progress=False, seed=seed)
+    probe = GPT(config)  # time a few steps (after a warm-up, without evaluation)
+    for n in (2, 8):
+        trial = gpt.pretrain(probe, train_ids, val_ids, steps=n, batch_size=32,
+                             warmup_steps=1, eval_every=1000, progress=False, seed=seed)
     per_step = trial["train_seconds"][0] / 8
     steps = max(20, min(600, int(seconds * 0.9 / per_step)))
     torch.manual_seed(seed)
@@ -339,11 +343,14 @@ class LLMEngine:
         """Sequences running, decoding and waiting, KV blocks used and free (a snapshot).
 
         ``running`` counts the rows of the batch; ``decoding`` those still generating
-        (in a static batch the others are padding until the longest reply ends).
+        (in a static batch the others are padding until the longest reply ends);
+        ``tokens`` the tokens whose keys and values the running sequences hold.
         """
         with self._lock:
             return {"running": len(self._running),
                     "decoding": sum(not s.finished for s in self._running),
+                    "tokens": sum(self.cache.length(s.id) for s in self._running
+                                  if s.id in self.cache),
                     "waiting": len(self._waiting) + len(self._inbox),
                     "blocks_used": self.cache.num_blocks - self.cache.num_free_blocks,
                     "blocks_free": self.cache.num_free_blocks}

@@ -8,9 +8,9 @@ from a seed, so every mode serves exactly the same work. Two shapes of reply len
 
 * ``"uniform"``: 8 to 200 tokens, every length as likely;
 * ``"long-tailed"``: exponential with mean 48, rounded and clipped to 4..200: most
-  replies are short and a few are long, the shape of real chat traffic, where the
-  lengths of the ShareGPT and Alpaca traces that vLLM was evaluated on are spread
-  widely around their mean (Kwon et al., 2023, section 6.1).
+  replies are short and a few are long. (Real requests differ widely in input and
+  output length: Kwon et al., 2023, section 2.3, and the ShareGPT and Alpaca workloads
+  of their section 6.1.)
 
 Prompts are 4 to 64 random token ids. How much continuous batching gains depends on the
 spread of the reply lengths: a static batch lasts as long as its *longest* reply.
@@ -29,6 +29,7 @@ decoding step and the number of steps.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +74,11 @@ def shared_prefix_workload(n: int, vocab_size: int, prefix: int = 160, reply: in
             for q in rng.integers(8, 33, n)]
 
 
+def _warmup(n: int, vocab_size: int) -> list[tuple[list[int], int]]:
+    """Short requests that exercise every code path once before the clock starts."""
+    return [(prompt, 4) for prompt, _ in workload(n, vocab_size, "uniform", seed=12345)]
+
+
 @dataclass
 class Reply:
     """One finished request: its index, its tokens, and when they arrived."""
@@ -114,8 +120,18 @@ def run_closed_loop(engine: LLMEngine, requests: Sequence[tuple[list[int], int]]
     if not isinstance(concurrency, int) or concurrency < 1:
         raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
     steps = engine.steps
-    replies, seconds = asyncio.run(_closed_loop(engine, list(requests), concurrency))
+    replies, seconds = _run(_closed_loop(engine, list(requests), concurrency))
     return replies, seconds, engine.steps - steps
+
+
+def _run(coroutine):
+    """``asyncio.run``, also from code that already runs in an event loop (Jupyter)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def summarise(replies: Sequence[Reply], seconds: float, steps: int) -> dict[str, float]:
@@ -134,6 +150,48 @@ def summarise(replies: Sequence[Reply], seconds: float, steps: int) -> dict[str,
             "rows_per_step": round(decoded / max(steps, 1), 2), "steps": steps}
 
 
+def _side_by_side(engines: dict[str, LLMEngine], requests, concurrency: int, rounds: int,
+                  prefix: bool = False) -> dict[str, dict[str, float]]:
+    """Serve ``requests`` on each engine in turn, for ``rounds`` rounds; keep each one's
+    fastest summary; require the same tokens from all. ``prefix`` adds the prompt tokens
+    sent and those found in the prefix cache. Stops the engines."""
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    best: dict[str, dict[str, float]] = {}
+    tokens: dict[str, list[list[int]]] = {}
+    try:
+        for engine in engines.values():
+            engine.start()
+            run_closed_loop(engine, _warmup(concurrency, engine.config.vocab_size), concurrency)
+        for _ in range(rounds):
+            for name, engine in engines.items():
+                engine.cache.clear_prefixes()  # every round starts with an empty index
+                hits = engine.cache.prefix_hits
+                replies, seconds, steps = run_closed_loop(engine, requests, concurrency)
+                summary = summarise(replies, seconds, steps)
+                if prefix:
+                    prompt = sum(len(p) for p, _ in requests)
+                    cached = engine.cache.prefix_hits - hits
+                    summary.update(prompt_tokens=prompt, cached_tokens=cached,
+                                   hit_rate=round(cached / prompt, 3))
+                if name not in best or summary["seconds"] < best[name]["seconds"]:
+                    best[name] = summary
+                tokens[name] = [r.tokens for r in replies]
+    finally:
+        for engine in engines.values():
+            engine.stop()
+    first, *others = engines
+    for name in others:
+        if tokens[name] != tokens[first]:
+            raise AssertionError(f"{first!r} and {name!r} returned different tokens")
+    return best
+
+
+def _pool(model, concurrency: int, block_size: int) -> int:
+    """Blocks for ``concurrency`` sequences of the full context."""
+    return concurrency * -(-model.config.context_length // block_size)
+
+
 def compare_batching(model, requests: Sequence[tuple[list[int], int]], concurrency: int = 16,
                      rounds: int = 1, block_size: int = 16) -> dict[str, dict[str, float]]:
     """Static and continuous batching of one model on the same requests, side by side.
@@ -145,32 +203,11 @@ def compare_batching(model, requests: Sequence[tuple[list[int], int]], concurren
     (greedy decoding must not depend on the batch a request lands in). Returns
     ``{"static": summary, "continuous": summary}`` (see :func:`summarise`).
     """
-    if not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
-    config = model.config
-    blocks = concurrency * -(-config.context_length // block_size)
-    warmup = workload(concurrency, config.vocab_size, "uniform", seed=12345)
-    best: dict[str, dict[str, float]] = {}
-    tokens: dict[str, list[list[int]]] = {}
+    blocks = _pool(model, concurrency, block_size)
     engines = {mode: LLMEngine(model, num_blocks=blocks, block_size=block_size,
-                               max_batch=concurrency, mode=mode).start()
+                               max_batch=concurrency, mode=mode)
                for mode in ("static", "continuous")}
-    try:
-        for engine in engines.values():
-            run_closed_loop(engine, warmup, concurrency)
-        for _ in range(rounds):
-            for mode, engine in engines.items():
-                replies, seconds, steps = run_closed_loop(engine, requests, concurrency)
-                summary = summarise(replies, seconds, steps)
-                if mode not in best or summary["seconds"] < best[mode]["seconds"]:
-                    best[mode] = summary
-                tokens[mode] = [r.tokens for r in replies]
-    finally:
-        for engine in engines.values():
-            engine.stop()
-    if tokens["static"] != tokens["continuous"]:
-        raise AssertionError("static and continuous batching returned different tokens")
-    return best
+    return _side_by_side(engines, requests, concurrency, rounds)
 
 
 def compare_prefix_caching(model, requests: Sequence[tuple[list[int], int]],
@@ -179,41 +216,11 @@ def compare_prefix_caching(model, requests: Sequence[tuple[list[int], int]],
     """Continuous batching without and with prefix caching, on the same requests.
 
     As :func:`compare_batching` (alternating rounds, the fastest kept, the same tokens
-    required), plus per mode the prompt tokens computed by prefills and those found in the
-    cache: ``prompt_tokens``, ``cached_tokens`` and ``hit_rate``. Keys ``"off"``, ``"on"``.
+    required), plus per mode the prompt tokens sent and those found in the cache:
+    ``prompt_tokens``, ``cached_tokens`` and ``hit_rate``. Keys ``"off"``, ``"on"``.
     """
-    if not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
-    config = model.config
-    blocks = concurrency * -(-config.context_length // block_size)
+    blocks = _pool(model, concurrency, block_size)
     engines = {name: LLMEngine(model, num_blocks=blocks, block_size=block_size,
-                               max_batch=concurrency, prefix_caching=on).start()
+                               max_batch=concurrency, prefix_caching=on)
                for name, on in (("off", False), ("on", True))}
-    best: dict[str, dict[str, float]] = {}
-    tokens: dict[str, list[list[int]]] = {}
-    try:
-        for engine in engines.values():  # a warm-up on other prompts
-            run_closed_loop(engine, workload(concurrency, config.vocab_size, "uniform", 12345),
-                            concurrency)
-        for _ in range(rounds):
-            for name, engine in engines.items():
-                cache = engine.cache
-                cache.clear_prefixes()  # every round starts with an empty index
-                hits, queries = cache.prefix_hits, cache.prefix_queries
-                replies, seconds, steps = run_closed_loop(engine, requests, concurrency)
-                summary = summarise(replies, seconds, steps)
-                prompt = sum(len(p) for p, _ in requests)
-                cached = cache.prefix_hits - hits if name == "on" else 0
-                summary.update(prompt_tokens=prompt, cached_tokens=cached,
-                               hit_rate=round(cached / prompt, 3))
-                if name == "on" and cache.prefix_queries - queries < prompt:
-                    raise AssertionError("prefix caching saw fewer prompt tokens than sent")
-                if name not in best or summary["seconds"] < best[name]["seconds"]:
-                    best[name] = summary
-                tokens[name] = [r.tokens for r in replies]
-    finally:
-        for engine in engines.values():
-            engine.stop()
-    if tokens["off"] != tokens["on"]:
-        raise AssertionError("prefix caching changed the greedy tokens")
-    return best
+    return _side_by_side(engines, requests, concurrency, rounds, prefix=True)

@@ -37,15 +37,21 @@ address becomes a physical one through a page table. Consequences:
 Attention must then read each sequence's keys and values through its block table:
 :func:`paged_attention` does so for a batch of sequences of different lengths. vLLM's
 CUDA kernel reads the blocks in place; here we gather them into a padded tensor and mask
-the padding, which computes the same numbers. vLLM adds more on top (sharing blocks
-between sequences with a common prefix, copy-on-write, swapping blocks to CPU memory when
-the pool runs out); this module keeps to the core.
+the padding, which computes the same numbers.
+
+**Prefix caching.** Blocks can have several owners, so sequences whose prompts start
+alike can share the blocks of their common prefix instead of computing them again: the
+cache indexes every whole prompt block by its tokens and all the tokens before it, as
+vLLM's automatic prefix caching does, and keeps blocks that no sequence uses any more
+until the pool needs them (least recently used first). vLLM also has copy-on-write for
+partly shared blocks and can swap blocks to CPU memory when the pool runs out; this
+module shares whole blocks only (never written again) and preempts by recomputation.
 
 =========================== ================================================================
 name                        what it does
 =========================== ================================================================
 :class:`BlockAllocator`     hands out and takes back physical block numbers
-:class:`PagedKVCache`       the block pool, per-sequence block tables, memory accounting
+:class:`PagedKVCache`       the block pool, block tables, prefix caching, memory accounting
 :func:`paged_attention`     one decoding step of attention for sequences of different lengths
 :func:`prefill`             run a prompt through a :class:`~aimodels.gpt.GPT` into the cache
 :func:`decode_step`         one new token for every sequence of a batch, each at its position
