@@ -138,7 +138,7 @@ class MultiHeadAttention(nn.Module):
         all three projections.
         """
         if query is key and key is value:
-            stacked = query @ self.in_proj_weight.T + self.in_proj_bias
+            stacked = stacked_projection(self, query)
             return tuple(self._split_heads(x) for x in stacked.chunk(3, dim=-1))
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
@@ -259,3 +259,16 @@ def tiled_attention(
         out = rescale * out + p @ v_block
         m = m_new
     return out / ell.masked_fill(ell == 0, 1.0)
+
+
+def stacked_projection(attn: MultiHeadAttention, x: Tensor) -> Tensor:
+    """Queries, keys and values of ``x`` at once: ``x @ in_proj_weight.T + in_proj_bias``.
+
+    A module registered as ``attn.in_proj`` takes the place of that weight and bias:
+    Chapter 11's ``quantize_linears`` puts an int8 layer there. (The cross-attention path
+    of :meth:`MultiHeadAttention.project_heads` still needs the float weight.)
+    """
+    in_proj = attn._modules.get("in_proj")
+    if in_proj is not None:
+        return in_proj(x)
+    return x @ attn.in_proj_weight.T + attn.in_proj_bias

@@ -6,6 +6,7 @@ quantisation-aware training passes straight-through gradients and still learns."
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -472,9 +473,9 @@ def test_quantize_linears_on_a_gpt_keeps_its_logits_close():
     idx = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(1))
     expected = model(idx).detach()
     quantize_linears(model)
-    replaced = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
-    assert replaced == [f"blocks.{i}.{n}" for i in range(2)
-                        for n in ("attn.out_proj", "mlp.fc", "mlp.proj")]
+    replaced = sorted(n for n, m in model.named_modules() if isinstance(m, QuantizedLinear))
+    assert replaced == sorted(f"blocks.{i}.{n}" for i in range(2)
+                              for n in ("attn.in_proj", "attn.out_proj", "mlp.fc", "mlp.proj"))
     logits = model(idx)
     assert (logits - expected).abs().max() < 0.05 * expected.abs().max()
 
@@ -635,3 +636,25 @@ def test_bad_input_raises_clear_errors():
         QATLinear.from_linear(nn.ReLU())
     with pytest.raises(ValueError, match="bits must be in"):
         convert_qat(mlp(), bits=1)
+
+
+def test_quantize_linears_covers_the_stacked_attention_projection_of_a_gpt():
+    from aimodels.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, context_length=32, d_model=64, n_heads=4,
+                          n_layers=2)).eval()
+    q = quantize_linears(copy.deepcopy(model))
+    assert all(isinstance(b.attn.in_proj, QuantizedLinear) for b in q.blocks)
+    assert not any("in_proj_weight" in k for k in q.state_dict())
+    x = torch.randint(0, 64, (3, 20))
+    with torch.no_grad():
+        want, got = model(x), q(x)
+    assert float((got - want).norm() / want.norm()) < 0.05
+    # Generation with the KV cache goes through the same projection.
+    out = q.generate(x[:1, :5], 8, temperature=0)
+    assert out.shape == (1, 13)
+    # attention=False keeps the float projection.
+    kept = quantize_linears(copy.deepcopy(model), attention=False)
+    assert all("in_proj" not in b.attn._modules for b in kept.blocks)
+    assert state_dict_bytes(q) < state_dict_bytes(kept) < state_dict_bytes(model)

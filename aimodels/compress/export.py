@@ -98,6 +98,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import tempfile
 import warnings
@@ -330,6 +331,21 @@ def ort_run(session: onnxruntime.InferenceSession, array: np.ndarray) -> np.ndar
 
 
 # --------------------------------------------------------------------------- quantisation
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """Hide the quantisers' advice to pre-process the model (logged on the root logger).
+
+    We skip ``quant_pre_process`` on purpose (see the module docstring); errors still show.
+    """
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def _without_value_info(fp32_path: PathLike, directory: Path) -> Path:
     """Copy of the model at ``fp32_path`` without ``value_info``, saved in ``directory``."""
     source = Path(fp32_path)
@@ -371,7 +387,8 @@ def ort_quantize_dynamic(fp32_path: PathLike, int8_path: PathLike) -> Path:
     out = _check_output(fp32_path, int8_path)
     with tempfile.TemporaryDirectory() as tmp:
         cleaned = _without_value_info(fp32_path, Path(tmp))
-        quantize_dynamic(cleaned, out, weight_type=QuantType.QInt8)
+        with _quiet_root_logger():
+            quantize_dynamic(cleaned, out, weight_type=QuantType.QInt8)
     return out
 
 
@@ -459,7 +476,8 @@ def ort_quantize_static(fp32_path: PathLike, int8_path: PathLike,
             if batch.dtype != expected:
                 raise TypeError(f"calibration batch {i} must have the dtype of input "
                                 f"{input_name!r}, {expected}, got {batch.dtype}")
-        quantize_static(cleaned, out, reader, quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        per_channel=False)
+        with _quiet_root_logger():
+            quantize_static(cleaned, out, reader, quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            per_channel=False)
     return out

@@ -251,8 +251,8 @@ def quantize(x: Tensor, bits: int = 8, symmetric: bool = True,
     ``scale`` and ``zero_point`` then have size ``x.shape[k]`` at dimension ``k`` and
     size 1 elsewhere, so they broadcast against ``x``. Scales are float32 (float64 for
     float64 input; half-precision input is computed in float32), zero points int32. An
-    all-zero tensor or channel gets scale 1. With these scales nothing is clipped, so
-    :math:`|x - \hat x| \le s/2` for every element.
+    all-zero tensor or channel gets scale 1. Rounding moves an element by at most half a step
+    (clipping changes a code only at an exact tie), so :math:`|x - \hat x| \le s/2`.
     """
     _check_float(x)
     _check_bits(bits)
@@ -675,7 +675,7 @@ def _replace_linears(model: nn.Module, skip: Iterable[str],
 
 
 def quantize_linears(model: nn.Module, skip: Iterable[str] = (),
-                     bits: int | None = None) -> nn.Module:
+                     bits: int | None = None, attention: bool = True) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` in place by a :class:`QuantizedLinear`.
 
     ``skip`` holds module names (as in ``model.named_modules()``) to leave in float,
@@ -685,16 +685,42 @@ def quantize_linears(model: nn.Module, skip: Iterable[str] = (),
     is given (see :meth:`QuantizedLinear.from_float`). Returns ``model``, except when
     ``model`` is itself an ``nn.Linear``: then the new layer is returned.
 
-    Only ``nn.Linear`` modules are replaced: in :class:`aimodels.gpt.GPT` that is each
-    block's ``attn.out_proj``, ``mlp.fc`` and ``mlp.proj``; the stacked query/key/value
-    projection (a bare parameter) and the tied output layer stay in float. The
-    ``out_proj`` of PyTorch's own ``nn.MultiheadAttention`` is left alone too: that
-    module reads the weight directly instead of calling the layer.
+    In :class:`aimodels.gpt.GPT` that is each block's ``attn.out_proj``, ``mlp.fc`` and
+    ``mlp.proj``, and, with ``attention=True``, the stacked query/key/value projection
+    of every :class:`aimodels.attention.MultiHeadAttention` (a bare ``[3E, E]``
+    parameter): it becomes a :class:`QuantizedLinear` registered as ``in_proj``, which
+    :func:`aimodels.attention.stacked_projection` calls, and the float weight is dropped.
+    That serves self-attention only; skip modules that do cross-attention. The tied
+    output layer and the embeddings stay in float. The ``out_proj`` of PyTorch's own
+    ``nn.MultiheadAttention`` is left alone: that module reads the weight directly
+    instead of calling the layer.
     """
     if bits is not None:
         _check_bits(bits)
-    return _replace_linears(model, skip, lambda m: QuantizedLinear.from_float(m, bits),
-                            _swappable)
+    model = _replace_linears(model, skip, lambda m: QuantizedLinear.from_float(m, bits),
+                             _swappable)
+    if attention:
+        _quantize_stacked_projections(model, skip, bits)
+    return model
+
+
+def _quantize_stacked_projections(model: nn.Module, skip: Iterable[str],
+                                  bits: int | None) -> None:
+    from aimodels.attention import MultiHeadAttention
+
+    skip = tuple(skip)
+    for name, module in model.named_modules():
+        if not isinstance(module, MultiHeadAttention) or "in_proj" in module._modules \
+                or any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        weight = module.in_proj_weight.detach()
+        linear = nn.Linear(weight.shape[1], weight.shape[0], dtype=weight.dtype,
+                           device=weight.device)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            linear.bias.copy_(module.in_proj_bias.detach())
+        del module.in_proj_weight, module.in_proj_bias
+        module.in_proj = QuantizedLinear.from_float(linear, bits)
 
 
 def _unique_state_tensors(model: nn.Module) -> dict[str, Tensor]:
