@@ -16,8 +16,9 @@ context 64, BPE vocabulary 512 over the standard library's source), trained here
   the same student trained on the tokens alone, with the same loop and steps;
 * the distilled student in int8 (ours).
 
-Columns: file size on disk (safetensors for PyTorch, the .onnx file for ONNX Runtime,
-``torch.save`` for torch.ao, whose packed weights are not plain tensors), latency at
+Columns: the number of weights (before quantisation), file size on disk (safetensors
+for PyTorch, the .onnx file for ONNX Runtime, ``torch.save`` for torch.ao, whose packed
+weights are not plain tensors), latency at
 batch 1 and batch 64 (sequences of 64 tokens) as a ratio against fp32 eager, the best of
 ``--repeats`` runs measured side by side on one thread, and validation perplexity.
 Writes book/figures/compress_gpt.csv. Run with ``python benchmarks/bench_compress.py``.
@@ -142,18 +143,24 @@ def run(steps: int = 600, repeats: int = 20, folder: Path = FIGURES) -> list[dic
         torch.save(model.state_dict(), buffer)
         return len(buffer.getvalue())
 
-    rows_in = [
-        ("fp32", teacher, compress.saved_size_bytes(teacher)),
-        ("structured pruning (MLP 50%) + fine-tuning", pruned, compress.saved_size_bytes(pruned)),
-        ("int8, ours", int8, compress.saved_size_bytes(int8)),
-        ("int8, torch.ao", ao, ao_size(ao)),
-        ("ONNX Runtime fp32", sessions[onnx_fp32], export.file_size(onnx_fp32)),
-        ("int8, ONNX Runtime dynamic", sessions[onnx_int8], export.file_size(onnx_int8)),
+    def count(model) -> int:
+        return sum(p.numel() for p in model.parameters())
+
+    student = students["distilled student"]
+    rows_in = [  # (label, model or ONNX session, file bytes, weights before quantisation)
+        ("fp32", teacher, compress.saved_size_bytes(teacher), count(teacher)),
+        ("structured pruning (MLP 50%) + fine-tuning", pruned, compress.saved_size_bytes(pruned),
+         count(pruned)),
+        ("int8, ours", int8, compress.saved_size_bytes(int8), count(teacher)),
+        ("int8, torch.ao", ao, ao_size(ao), count(teacher)),
+        ("ONNX Runtime fp32", sessions[onnx_fp32], export.file_size(onnx_fp32), count(teacher)),
+        ("int8, ONNX Runtime dynamic", sessions[onnx_int8], export.file_size(onnx_int8),
+         count(teacher)),
         ("student, tokens only", students["student, tokens only"],
-         compress.saved_size_bytes(students["student, tokens only"])),
-        ("distilled student", students["distilled student"],
-         compress.saved_size_bytes(students["distilled student"])),
-        ("distilled student + int8", distilled_int8, compress.saved_size_bytes(distilled_int8)),
+         compress.saved_size_bytes(students["student, tokens only"]), count(student)),
+        ("distilled student", student, compress.saved_size_bytes(student), count(student)),
+        ("distilled student + int8", distilled_int8, compress.saved_size_bytes(distilled_int8),
+         count(student)),
     ]
 
     def caller(model):
@@ -166,12 +173,11 @@ def run(steps: int = 600, repeats: int = 20, folder: Path = FIGURES) -> list[dic
     rows = []
     with torch.inference_mode():
         base = {n: best_time(teacher, inputs[n], repeats) for n in (1, 64)}
-        for label, model, size in rows_in:
+        for label, model, size, weights in rows_in:
             f = caller(model)
             rows.append({
                 "model": label,
-                "parameters": sum(p.numel() for p in model.parameters())
-                if isinstance(model, torch.nn.Module) else "",
+                "weights": weights,
                 "file_bytes": size,
                 "smaller": round(rows_in[0][2] / size, 2),
                 "speed_b1": round(base[1] / best_time(f, inputs[1], repeats), 2),

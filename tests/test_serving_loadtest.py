@@ -203,7 +203,9 @@ def test_overall_deadline_bounds_a_run():
     start = time.perf_counter()
     result = asyncio.run(run_closed(make_app(0.5), concurrency=2, requests=100,
                                     deadline_s=0.2))
-    assert time.perf_counter() - start < 1.0
+    # Without the deadline the run would take 100 x 0.5 s / 2 = 25 s; the margin is for a
+    # loaded machine, where starting the event loop and the app alone can take a second.
+    assert time.perf_counter() - start < 5.0
     assert result.requests == 2 and result.unsent == 98
     assert result.errors_by_status == {"deadline": 2}
 
