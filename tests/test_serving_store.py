@@ -454,8 +454,13 @@ def test_publish_killed_at_a_random_moment_leaves_only_complete_versions(store: 
     assert digit_folders == versions == list(range(1, len(versions) + 1))
     for version in versions:
         assert store.load("big", version).config == {"worker": 1, "i": version - 1}
-    removed = store.cleanup()  # the kill nearly always lands in a publish's staging phase
-    assert len(removed) <= 1 and all(p.name.startswith(".staging-") for p in removed)
+    # The kill nearly always lands in a publish's staging phase (one staging folder left);
+    # rarely it lands while last_version.json is rewritten, which leaves its temporary file too.
+    removed = store.cleanup()
+    staging = [p for p in removed if p.name.startswith(".staging-")]
+    temporary = [p for p in removed if p.name.startswith(".last_version.json.tmp-")]
+    assert len(staging) <= 1 and len(temporary) <= 1
+    assert len(staging) + len(temporary) == len(removed), removed
     assert hidden(store.root / "big") == [".lock"]
     assert store.publish("big", tensors(), CONFIG_DICT) == versions[-1] + 1
 
