@@ -10,7 +10,7 @@ code, and a call to the library function an exercise asks the learner to write a
 
 from __future__ import annotations
 
-from . import ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch11, ch12, ch13
+from . import ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch10, ch11, ch12, ch13
 from .ch01 import check_mlp_parameters, check_training_days, check_weights_gb
 from .ch02 import check_adagrad, check_adam_first_step, check_max_stable_lr
 from .ch03 import check_ce_grad, check_double_softmax_floor, check_numerical_grad
@@ -20,6 +20,13 @@ from .ch06 import check_embedding_matmul, check_pe_norm, check_sinusoidal
 from .ch07 import check_attention, check_causal_mask, check_mha_parameters
 from .ch08 import check_bpe_merge, check_chinese_number, check_pad_batch
 from .ch09 import check_distinct_n, check_kv_cache_gb, check_perplexity, check_top_p_filter
+from .ch10 import (
+    check_bubble_fraction,
+    check_column_shard,
+    check_ring_bytes,
+    check_ring_time,
+    check_zero_memory,
+)
 from .ch11 import (
     check_kd_loss,
     check_per_channel_quantize,
@@ -44,20 +51,21 @@ from .ch13 import (
 
 CHAPTERS = {
     1: ch01, 2: ch02, 3: ch03, 4: ch04, 5: ch05, 6: ch06, 7: ch07, 8: ch08, 9: ch09,
-    11: ch11, 12: ch12, 13: ch13,
+    10: ch10, 11: ch11, 12: ch12, 13: ch13,
 }
 
 __all__ = [
     "check_adagrad", "check_adam_first_step", "check_attention", "check_batch_throughput",
-    "check_bpe_merge", "check_causal_mask", "check_ce_grad", "check_chinese_number",
-    "check_continuous_steps", "check_conv2d", "check_conv_output_size", "check_distinct_n",
-    "check_double_softmax_floor", "check_embedding_matmul", "check_kd_loss", "check_kv_blocks",
-    "check_kv_cache_gb", "check_littles_law", "check_max_stable_lr", "check_mha_parameters",
-    "check_mlp_parameters", "check_nearest_rank", "check_numerical_grad", "check_pad_batch",
-    "check_parse_sse", "check_pe_norm", "check_per_channel_quantize", "check_perplexity",
-    "check_pruned_size", "check_psi", "check_receptive_field", "check_ridge_batch",
-    "check_rnn_forward", "check_rnn_parameters", "check_scale_zero_point",
+    "check_bpe_merge", "check_bubble_fraction", "check_causal_mask", "check_ce_grad",
+    "check_chinese_number", "check_column_shard", "check_continuous_steps", "check_conv2d",
+    "check_conv_output_size", "check_distinct_n", "check_double_softmax_floor",
+    "check_embedding_matmul", "check_kd_loss", "check_kv_blocks", "check_kv_cache_gb",
+    "check_littles_law", "check_max_stable_lr", "check_mha_parameters", "check_mlp_parameters",
+    "check_nearest_rank", "check_numerical_grad", "check_pad_batch", "check_parse_sse",
+    "check_pe_norm", "check_per_channel_quantize", "check_perplexity", "check_pruned_size",
+    "check_psi", "check_receptive_field", "check_ridge_batch", "check_ring_bytes",
+    "check_ring_time", "check_rnn_forward", "check_rnn_parameters", "check_scale_zero_point",
     "check_shared_prefix_blocks", "check_sinusoidal", "check_static_steps",
     "check_top_p_filter", "check_training_days", "check_v2_request", "check_vanishing_steps",
-    "check_weights_gb",
+    "check_weights_gb", "check_zero_memory",
 ]
