@@ -67,6 +67,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_serving.py
 	$(BIN)/python benchmarks/bench_llm.py
 	$(BIN)/python benchmarks/bench_compress.py
+	$(BIN)/python benchmarks/bench_distributed.py
 
 clean:
 	rm -rf _build .pytest_cache .ruff_cache student

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from grader_helpers import accepts, broken, rejects, stub, wrong
@@ -64,6 +65,8 @@ def column_shard_tensor_split(weight, rank, world):
     (ex.check_ring_bytes, ring_bytes),
     (ex.check_ring_bytes, ring_bytes_by_steps),
     (ex.check_ring_bytes, lambda s, n: torch.tensor(2 * (n - 1) / n * s, dtype=torch.float64)),
+    (ex.check_ring_bytes, lambda s, n: np.array(2 * (n - 1) / n * s)),
+    (ex.check_ring_bytes, lambda s, n: np.float64(2 * (n - 1)) / n * s),
     (ex.check_ring_time, ring_time),
     (ex.check_zero_memory, zero_bytes),
     (ex.check_zero_memory, zero_bytes_if),
@@ -119,6 +122,9 @@ WRONG = [
     wrong(ex.check_column_shard, lambda w, r, n: w.chunk(n, dim=0)[min(r + 1, n - 1)], expect=["starts at row r"], id="shard-next-rank"),
     wrong(ex.check_column_shard, lambda w, r, n: w, expect=["not rows"], id="shard-whole"),
     wrong(ex.check_column_shard, lambda w, r, n: w.chunk(n, dim=0)[r].tolist(), expect=["expected a tensor"], id="shard-list"),
+    wrong(ex.check_column_shard, lambda w, r, n: w.chunk(n, dim=0)[r].float(), expect=["keep the weight's dtype"], id="shard-float32"),
+    wrong(ex.check_bubble_fraction, lambda p, m: 100 * (p - 1) / (m + p - 1), expect=["not a percentage"], id="bubble-percent"),
+    wrong(ex.check_ring_time, lambda s, n, a, b: 2 * (n - 1) * a + 8 * 2 * (n - 1) / n * s / b, expect=["t = 2 (N - 1) alpha"], id="time-bits"),
 ]
 
 

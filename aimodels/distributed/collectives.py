@@ -337,3 +337,30 @@ def run_time_all_reduce(world_size: int = 2,
     """``launch`` :func:`time_all_reduce_worker`; returns rank 0's timings and fits."""
     return launch(time_all_reduce_worker, world_size, list(sizes_bytes), repeats, ring,
                   timeout=timeout)[0]
+
+
+def ring_check(lengths: Sequence[int] = (1, 7, 1000, 2**18), dtype: torch.dtype = torch.float64,
+               seed: int = 0) -> list[dict[str, Any]]:
+    """In-group: each length through :func:`ring_all_reduce` and through ``dist.all_reduce``.
+
+    Every rank draws its own random tensor (seeded by `seed` and its rank). Returns, per
+    length, the largest difference between the two sums, the bytes this rank sent, and
+    the exact count :func:`ring_all_reduce_bytes` predicts for it.
+    """
+    rank, world = _group_rank_world(None)
+    out = []
+    for length in lengths:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + length)
+        mine = torch.randn(length, generator=generator, dtype=dtype)
+        expected = mine.clone()
+        dist.all_reduce(expected)
+        stats: dict[str, int] = {}
+        ring_all_reduce(mine, stats=stats)
+        out.append({"length": length, "rank": rank, "world_size": world,
+                    "max_abs_diff": (mine - expected).abs().max().item(),
+                    "bytes_sent": stats["bytes_sent"],
+                    "predicted_bytes": ring_all_reduce_bytes(length, mine.element_size(), world,
+                                                             rank),
+                    "formula_bytes": all_reduce_bytes_per_rank(length * mine.element_size(),
+                                                               world)})
+    return out

@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["RankError", "free_port", "launch", "init_from_env", "rank_and_world", "run_parts"]
+__all__ = ["RankError", "free_port", "hello", "init_from_env", "launch", "rank_and_world",
+           "run_parts"]
 
 
 class RankError(RuntimeError):
@@ -187,3 +188,13 @@ def run_parts(parts: list[tuple[str, Callable, dict]]) -> dict[str, Any]:
         out[name] = fn(**kwargs)
         out["seconds"][name] = time.perf_counter() - start
     return out
+
+
+def hello() -> dict[str, Any]:
+    """Worker for a first `launch`: who am I, and the sum of all ranks by one all-reduce."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    total = torch.tensor([float(rank)])
+    dist.all_reduce(total)
+    return {"rank": rank, "world_size": world, "pid": os.getpid(),
+            "backend": dist.get_backend(), "threads": torch.get_num_threads(),
+            "sum_of_ranks": int(total.item())}

@@ -90,6 +90,7 @@ __all__ = [
     "pipeline_worker",
     "run_pipeline",
     "run_pipeline_sweep",
+    "merge_stages",
 ]
 
 #: Four Linear layers (32 -> 64 -> 64 -> 64 -> 8): two per stage on two ranks, float64 checks.
@@ -463,7 +464,7 @@ def pipeline_worker(microbatch_counts: Sequence[int], steps: int = 3, batch_size
     return out
 
 
-def _merge(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+def merge_stages(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     """Ranks' results to one: full state and grads, timelines[step][rank], rank 0's losses."""
     errors = [r["error"] for r in per_rank if "error" in r]
     if errors:
@@ -509,9 +510,9 @@ def run_pipeline_sweep(world_size: int = 2, microbatch_counts: Sequence[int] = (
                       optimizer, lr, timeout=timeout, torch_schedule=torch_schedule)
     out = {}
     for m in counts:
-        out[m] = _merge([r[m]["gpipe"] for r in per_rank])
+        out[m] = merge_stages([r[m]["gpipe"] for r in per_rank])
         if torch_schedule:
-            out[m]["torch"] = _merge([r[m]["torch"] for r in per_rank])
+            out[m]["torch"] = merge_stages([r[m]["torch"] for r in per_rank])
     return out
 
 

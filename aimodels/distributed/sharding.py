@@ -190,14 +190,18 @@ _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 
-class _RecordingAllGather:
-    """FSDP2 custom all-gather (``FSDPModule.set_custom_all_gather``) that logs, then gathers."""
+class _Recorder:
+    """What both recording collectives share: where to log, and FSDP2's buffer allocation."""
 
     def __init__(self, schedule: _Schedule, module: str) -> None:
         self.schedule, self.module = schedule, module
 
     def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
+
+
+class _RecordingAllGather(_Recorder):
+    """FSDP2 custom all-gather (``FSDPModule.set_custom_all_gather``) that logs, then gathers."""
 
     def __call__(self, output_tensor: Tensor, input_tensor: Tensor, group: dist.ProcessGroup,
                  async_op: bool = False) -> Any:
@@ -207,14 +211,8 @@ class _RecordingAllGather:
         return _all_gather(output_tensor, input_tensor, group=group, async_op=async_op)
 
 
-class _RecordingReduceScatter:
+class _RecordingReduceScatter(_Recorder):
     """FSDP2 custom reduce-scatter (``set_custom_reduce_scatter``) that logs, then reduces."""
-
-    def __init__(self, schedule: _Schedule, module: str) -> None:
-        self.schedule, self.module = schedule, module
-
-    def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> Tensor:
-        return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(self, output_tensor: Tensor, input_tensor: Tensor, group: dist.ProcessGroup,
                  op: Any, async_op: bool = False) -> Any:

@@ -137,6 +137,16 @@ def _check_rank(rank: int, world: int) -> None:
         raise ValueError(f"rank must be an int in [0, {world}), got {rank!r}")
 
 
+def _setup(layer: nn.Module, in_features: int, out_features: int, rank: int, world: int,
+           group: dist.ProcessGroup | None, split: str) -> int:
+    """Check and store what both parallel layers keep; return the local size of `split`."""
+    _check_rank(rank, world)
+    layer.in_features, layer.out_features = in_features, out_features
+    layer.rank, layer.world, layer.group = rank, world, group
+    layer.comm_log = None  # a list to record the all-reduces in, or None
+    return _split(in_features if split == "in_features" else out_features, world, split)
+
+
 class ColumnParallelLinear(nn.Module):
     """This rank's slice of the output features of ``Linear(in_features, out_features)``.
 
@@ -150,13 +160,9 @@ class ColumnParallelLinear(nn.Module):
                  bias: bool = True, group: dist.ProcessGroup | None = None,
                  dtype: torch.dtype | None = None):
         super().__init__()
-        _check_rank(rank, world)
-        self.in_features, self.out_features = in_features, out_features
-        self.rank, self.world, self.group = rank, world, group
-        local = _split(out_features, world, "out_features")
+        local = _setup(self, in_features, out_features, rank, world, group, "out_features")
         self.weight = nn.Parameter(torch.empty(local, in_features, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(local, dtype=dtype)) if bias else None
-        self.comm_log: list | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         x = CopyToTensorParallel.apply(x, self.group, self.comm_log)
@@ -180,13 +186,9 @@ class RowParallelLinear(nn.Module):
                  bias: bool = True, group: dist.ProcessGroup | None = None,
                  dtype: torch.dtype | None = None):
         super().__init__()
-        _check_rank(rank, world)
-        self.in_features, self.out_features = in_features, out_features
-        self.rank, self.world, self.group = rank, world, group
-        local = _split(in_features, world, "in_features")
+        local = _setup(self, in_features, out_features, rank, world, group, "in_features")
         self.weight = nn.Parameter(torch.empty(out_features, local, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
-        self.comm_log: list | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         partial = F.linear(x, self.weight)

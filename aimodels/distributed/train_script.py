@@ -307,12 +307,14 @@ def join_torchrun_group(timeout: float = 60.0) -> tuple[int, int]:
     ``TORCHELASTIC_USE_AGENT_STORE=True``), and in torch 2.15 a restarted worker group
     gets the *same* store. Gloo's keys from the failed attempt (each rank's address) are
     still in it, so a new rank can read the dead rank's address and fail with "Gloo
-    connectFullMesh failed ... Connection refused" (seen here in 2 of 4 restarts). This is
-    pytorch issue 135712; its fix (PR 135957) was a new store server per attempt, but the
-    2.15 dynamic rendezvous creates the shared server once and reuses it. Prefixing every
-    key with the attempt number keeps the attempts apart; so does running torchrun with
-    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (rank 0 then hosts a new store at a new port
-    per attempt). Outside torchrun this is `init_from_env()`. Returns (rank, world size).
+    connectFullMesh failed ... Connection refused" (seen here in 3 of our first 7 restarts).
+    This is the problem of pytorch issue 135712 (reported there for NCCL); its fix
+    (PR 135957) was a new store server per attempt, but the 2.15 dynamic rendezvous
+    creates the shared server once and reuses it. Prefixing every
+    key with the attempt number keeps the attempts apart on one node; so does running
+    torchrun with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (rank 0 then hosts a new store at
+    a new port per attempt), which the issue recommends for several nodes, where restart
+    counts need not agree. Outside torchrun this is `init_from_env()`. Returns (rank, world size).
     """
     if dist.is_initialized() or RESTART_ENV not in os.environ:
         return init_from_env(timeout)

@@ -90,6 +90,8 @@ def _number(name: str, answer: object) -> float:
                      "cell again.")
     if isinstance(answer, torch.Tensor) and answer.numel() == 1 and not answer.is_complex():
         answer = answer.item()
+    if type(answer).__module__ == "numpy" and getattr(answer, "size", 0) == 1:
+        answer = answer.item()  # a NumPy scalar or 0-d array, e.g. from np.float64 arithmetic
     if isinstance(answer, bool) or not isinstance(answer, numbers.Real):
         raise NotYet(f"{name}: expected a number, got {type(answer).__name__} {answer!r:.40}.",
                      "pass a number such as 14.0, not text or a list.")

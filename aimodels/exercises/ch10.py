@@ -90,7 +90,7 @@ def check_ring_time(fn: Callable[[float, int, float, float], float]) -> bool:
     is the time of a ring all-reduce: 2 (N - 1) messages of latency alpha each, and
     2 (N - 1) / N x size bytes per rank over a link of the given bandwidth."""
     rng = fresh_rng()
-    cases = [(1e9, 8, 5e-6, 25e9), (2e6, 2, 1e-4, 1e9), (3e8, 1024, 8e-6, 50e9),
+    cases = [(1e9, 3, 5e-6, 25e9), (2e6, 2, 1e-4, 1e9), (3e8, 1024, 8e-6, 50e9),
              (1e3, 4, 2e-5, 1e10),
              (float(rng.randint(10**3, 10**10)), rng.randint(2, 512), rng.uniform(1e-6, 1e-4),
               rng.uniform(1e9, 1e11))]
@@ -183,6 +183,8 @@ def check_bubble_fraction(fn: Callable[[int, int], float]) -> bool:
          lambda p, m: p / (m + p - 1)),
         ("that is the busy fraction, m / (m + p - 1); the question asks for the idle one.",
          lambda p, m: m / (m + p - 1)),
+        ("return a fraction between 0 and 1, not a percentage.",
+         lambda p, m: 100 * (p - 1) / (m + p - 1)),
     ]
     _grade_formula("bubble", fn, cases, pipeline.pipeline_bubble_fraction, slips,
                    "draw the schedule: m + p - 1 time slots per direction, of which each stage "
@@ -196,7 +198,7 @@ def check_bubble_fraction(fn: Callable[[int, int], float]) -> bool:
 def check_column_shard(fn: Callable[[torch.Tensor, int, int], torch.Tensor]) -> bool:
     """Ch. 10, exercise 5: ``fn(weight, rank, world_size)`` returns this rank's part of an
     ``nn.Linear`` weight (shape [out_features, in_features]) for a column-parallel layer:
-    the rank computes output features rank * out/N to (rank + 1) * out/N."""
+    the rank computes the contiguous output features rank * out/N to (rank + 1) * out/N."""
     rng = fresh_rng()
     g = torch_generator(rng)
     hint = ("nn.Linear stores W as [out_features, in_features] and computes x @ W.T: output "
@@ -211,6 +213,10 @@ def check_column_shard(fn: Callable[[torch.Tensor, int, int], torch.Tensor]) -> 
             if not isinstance(got, torch.Tensor):
                 raise NotYet(f"rank {rank} of {world}: expected a tensor, got "
                              f"{type(got).__name__}.", hint)
+            if got.dtype != weight.dtype:
+                raise NotYet(f"rank {rank} of {world}: got a {got.dtype} tensor from a "
+                             f"{weight.dtype} weight.", "keep the weight's dtype: slice it, "
+                             "do not convert it.")
             if got.shape == want.shape and torch.equal(got, want):
                 continue
             label = f"weight {list(weight.shape)}, rank {rank} of {world}: got {_shape(got)}"
