@@ -81,3 +81,15 @@ def test_init_from_env_says_what_is_missing(monkeypatch):
     with pytest.raises(RuntimeError, match="torchrun"):
         init_from_env()
     assert rank_and_world() == (0, 1)
+
+
+def test_the_resource_tracker_a_launch_leaves_is_not_counted_as_ray():
+    """A spawn start method leaves multiprocessing's resource tracker running in this process;
+    chapter 12's Ray tests check that Ray left no process behind, so it must not count."""
+    from aimodels.serving import ray_app
+
+    launch(workers.rank_sum, 2, 0.0, timeout=60)
+    trackers = [p for p in psutil.Process().children(recursive=True)
+                if "multiprocessing.resource_tracker" in " ".join(p.cmdline())]
+    assert trackers, "expected the resource tracker that spawn starts"
+    assert not set(p.pid for p in trackers) & set(p.pid for p in ray_app.ray_processes())

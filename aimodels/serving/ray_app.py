@@ -258,10 +258,23 @@ def shutdown() -> None:
 
 def ray_processes() -> list[Any]:
     """The processes of the Ray cluster this process started (its descendants: GCS,
-    raylet, dashboard agent, workers including the Serve controller, proxy and replicas)."""
+    raylet, dashboard agent, workers including the Serve controller, proxy and replicas).
+
+    Python's own multiprocessing helpers are left out: the resource tracker that a
+    ``spawn`` start method leaves running (chapter 10's ``launch`` starts one) is a
+    descendant too, but not Ray's, and it lives as long as this process.
+    """
     import psutil
 
-    return psutil.Process().children(recursive=True)
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "multiprocessing.resource_tracker" in " ".join(process.cmdline()):
+                continue
+        except psutil.Error:  # it exited meanwhile, or we may not read it: keep it
+            pass
+        found.append(process)
+    return found
 
 
 def ray_rss_mb() -> float:
