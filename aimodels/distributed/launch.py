@@ -116,6 +116,8 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = 60.0, thr
             try:
                 rank, ok, payload = results.get(timeout=0.05)
                 if ok:
+                    # Bytes pickled by our own spawned rank a moment ago, over a private
+                    # pipe (multiprocessing pickles every queue item anyway), not a file.
                     outputs[rank] = pickle.loads(payload)
                 else:
                     failures[rank] = payload
