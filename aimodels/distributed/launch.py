@@ -73,8 +73,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout))
         value = fn(*args, **kwargs)
-        # Plain pickle copies tensors by value: torch's shared-memory pickling would
-        # hand the parent a handle to memory this process frees when it exits.
+        # Plain pickle, by value (torch's shared-memory pickling points at memory freed when
+        # this rank exits). Only our own parent unpickles it, from a private pipe, never a file.
         message = (rank, True, pickle.dumps(value))
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
         message = (rank, False, traceback.format_exc())
@@ -116,8 +116,6 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = 60.0, thr
             try:
                 rank, ok, payload = results.get(timeout=0.05)
                 if ok:
-                    # Bytes pickled by our own spawned rank a moment ago, over a private
-                    # pipe (multiprocessing pickles every queue item anyway), not a file.
                     outputs[rank] = pickle.loads(payload)
                 else:
                     failures[rank] = payload
