@@ -139,6 +139,56 @@ def test_gpt_export_with_dynamic_batch_and_sequence(tmp_path):
         ort_run(session, np.zeros((1, 4), dtype=np.int32))
 
 
+def _all_nodes(nodes):
+    """Every node of a graph, with those inside the subgraphs of If, Loop and Scan."""
+    for node in nodes:
+        yield node
+        for attribute in node.attribute:
+            for graph in [attribute.g, *attribute.graphs]:
+                yield from _all_nodes(graph.node)
+
+
+class _SignSwitch(nn.Module):
+    """Data-dependent control flow written with torch.cond: it exports to an ONNX If."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.cond(x.sum() > 0, lambda t: self.linear(t).relu(),
+                          lambda t: -self.linear(t), (x,))
+
+
+def test_export_drops_stack_traces_and_is_reproducible(tmp_path):
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=50, context_length=16, d_model=32, n_heads=2, n_layers=2))
+    ids = torch.randint(0, 50, (2, 8))
+    first = export_onnx(gpt, ids, tmp_path / "a" / "gpt.onnx", dynamic_sequence=True)
+    second = export_onnx(gpt, ids, tmp_path / "a_longer_directory" / "gpt.onnx",
+                         dynamic_sequence=True)
+    assert first.read_bytes() == second.read_bytes()
+    assert sorted(p.name for p in first.parent.iterdir()) == ["gpt.onnx"]  # no temporary left
+    keys = {p.key for node in _all_nodes(onnx.load(str(first)).graph.node)
+            for p in node.metadata_props}
+    assert "pkg.torch.onnx.class_hierarchy" in keys  # the rest of the exporter's notes stay
+    assert "pkg.torch.onnx.stack_trace" not in keys
+    assert b"site-packages" not in first.read_bytes()
+    assert __file__.encode() not in first.read_bytes()
+    # Inside the branches of an If too; and the file still runs.
+    switch = _SignSwitch().eval()
+    path = export_onnx(switch, torch.ones(3, 4), tmp_path / "switch.onnx")
+    nodes = list(_all_nodes(onnx.load(str(path)).graph.node))
+    assert any(node.op_type == "If" for node in nodes)
+    assert not any(p.key == "pkg.torch.onnx.stack_trace" for node in nodes
+                   for p in node.metadata_props)
+    session = ort_session(path)
+    for sign in (1.0, -1.0):
+        x = sign * torch.ones(5, 4)
+        np.testing.assert_allclose(ort_run(session, x.numpy()), _logits(switch, x),
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_export_validates_its_arguments(tmp_path):
     model = nn.Linear(4, 2)
     with pytest.raises(TypeError, match="expected an nn.Module, got function"):

@@ -102,7 +102,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -224,7 +224,45 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
                               external_data=external_data, verbose=False)
     finally:
         model.train(was_training)
+    _drop_stack_traces(path)
     return path
+
+
+_STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
+def _drop_stack_traces(path: Path) -> None:
+    """Remove the Python stack traces the dynamo exporter stores on every ONNX node.
+
+    Each trace names the source files, by absolute path on the exporting machine, of the
+    lines that produced the node (the notebook's own cells among them). They are debug
+    information that no runtime reads, but they reveal local paths and make the size and
+    bytes of the file depend on where and how it was exported. The file is rewritten
+    through a temporary file in the same directory, so it is never left half written;
+    external weight files are not touched.
+    """
+    proto = onnx.load(str(path), load_external_data=False)
+
+    def strip(nodes: Iterable[onnx.NodeProto]) -> None:
+        for node in nodes:
+            kept = [p for p in node.metadata_props if p.key != _STACK_TRACE]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+            for attribute in node.attribute:  # the branches of If, the body of Loop, ...
+                for graph in [attribute.g, *attribute.graphs]:
+                    strip(graph.node)
+
+    strip(proto.graph.node)
+    for function in proto.functions:
+        strip(function.node)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(handle)
+    try:
+        onnx.save(proto, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager
