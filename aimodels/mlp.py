@@ -7,6 +7,7 @@ and against finite differences (``torch.autograd.gradcheck``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -248,3 +249,134 @@ def predict(params: dict[str, Tensor], X: Tensor, activation: str = "sigmoid") -
     """Class predictions of the hand-written MLP: the index of the largest logit."""
     f, _ = ACTIVATIONS[activation]
     return (f(X @ params["W1"].T + params["b1"]) @ params["W2"].T + params["b2"]).argmax(1)
+
+
+# --------------------------------------------------------------------------- dropout
+def dropout(
+    x: Tensor, p: float = 0.5, training: bool = True, generator: torch.Generator | None = None
+) -> Tensor:
+    r"""Inverted dropout: zero each element with probability ``p``, scale the rest by 1/(1 - p).
+
+    .. math:: y = x \odot m / (1 - p), \qquad m_i \sim \operatorname{Bernoulli}(1 - p)
+
+    so that :math:`\mathbb{E}[y] = x` and nothing needs rescaling at test time: in eval
+    mode (``training=False``) dropout is the identity, as ``nn.Dropout`` documents
+    (Srivastava et al., 2014). The mask is drawn with ``bernoulli_``, the sampler
+    ``torch.nn.functional.dropout`` uses on the CPU, so the same seed gives the same mask.
+    """
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability p must be in [0, 1], got {p!r}")
+    if not training or p == 0:
+        return x
+    if p == 1:
+        return x * 0  # every element dropped; nothing to rescale
+    keep = torch.empty_like(x).bernoulli_(1 - p, generator=generator)
+    return x * (keep / (1 - p))
+
+
+class Dropout(torch.nn.Module):
+    """:func:`dropout` as a layer: active after ``model.train()``, the identity after ``eval()``."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability p must be in [0, 1], got {p!r}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+# --------------------------------------------------------------------------- initialisation
+def fans(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(fan_in, fan_out)`` of a weight of shape ``[out, in, *kernel]``, as torch.nn.init counts.
+
+    For ``nn.Linear`` (``[out, in]``) they are the numbers of inputs and outputs; a
+    convolution multiplies both by the kernel's size.
+    """
+    shape = tuple(shape)
+    if len(shape) < 2:
+        raise ValueError(f"fan-in and fan-out need a weight with >= 2 dimensions, got {shape}")
+    receptive_field = 1
+    for size in shape[2:]:
+        receptive_field *= size
+    return shape[1] * receptive_field, shape[0] * receptive_field
+
+
+def xavier_uniform_bound(fan_in: int, fan_out: int, gain: float = 1.0) -> float:
+    r"""Glorot and Bengio's (2010) bound :math:`a = g\sqrt{6 / (n_\text{in} + n_\text{out})}`.
+
+    :math:`U(-a, a)` has variance :math:`a^2/3 = 2 g^2/(n_\text{in} + n_\text{out})`, where
+    :math:`g` is the ``gain``: a compromise between keeping the forward variance
+    (:math:`n_\text{in}\operatorname{Var}w = 1`) and the backward variance
+    (:math:`n_\text{out}\operatorname{Var}w = 1`) constant. It is computed as
+    ``torch.nn.init.xavier_uniform_`` does, :math:`\sqrt3 \cdot g \sqrt{2/(n_\text{in} +
+    n_\text{out})}`, so that the two agree to the last bit.
+    """
+    if fan_in < 1 or fan_out < 1:
+        raise ValueError(f"fans must be positive, got fan_in={fan_in}, fan_out={fan_out}")
+    return math.sqrt(3.0) * gain * math.sqrt(2.0 / (fan_in + fan_out))
+
+
+def kaiming_normal_std(fan_in: int, gain: float = math.sqrt(2.0)) -> float:
+    r"""He et al.'s (2015) standard deviation :math:`\text{gain}/\sqrt{n_\text{in}}`.
+
+    With ReLU (gain :math:`\sqrt 2`), :math:`\operatorname{Var}w = 2/n_\text{in}` makes up for
+    ReLU zeroing half of its inputs, so the pre-activations keep their variance layer
+    after layer. These are the defaults of ``torch.nn.init.kaiming_normal_``.
+    """
+    if fan_in < 1:
+        raise ValueError(f"fan_in must be positive, got {fan_in}")
+    return gain / math.sqrt(fan_in)
+
+
+def xavier_uniform(
+    shape: tuple[int, ...], gain: float = 1.0, generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """A weight drawn from :math:`U(-a, a)` with :func:`xavier_uniform_bound` (Glorot init)."""
+    bound = xavier_uniform_bound(*fans(shape), gain=gain)
+    return torch.empty(shape, dtype=dtype).uniform_(-bound, bound, generator=generator)
+
+
+def kaiming_normal(
+    shape: tuple[int, ...], gain: float = math.sqrt(2.0), generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    r"""A weight drawn from :math:`N(0, \sigma^2)` with :func:`kaiming_normal_std` (He init)."""
+    std = kaiming_normal_std(fans(shape)[0], gain=gain)
+    return torch.empty(shape, dtype=dtype).normal_(0.0, std, generator=generator)
+
+
+def activation_variances(
+    init: str, activation: str, depth: int = 20, width: int = 256, batch: int = 512, seed: int = 0
+) -> list[float]:
+    """Variance of each layer's output in a deep, bias-free MLP at initialisation.
+
+    ``init`` is ``"small"`` (N(0, 0.01²), a common naive choice), ``"xavier"`` or
+    ``"he"``; ``activation`` is ``"tanh"`` or ``"relu"``. The input is standard normal.
+    Returns ``depth`` variances, one per layer, measured over the batch and the units
+    (in float64). The weights are random, so the variance takes a random walk around
+    what the derivation predicts; the narrower the layers, the larger its steps.
+    """
+    f64 = torch.float64  # float32 would underflow to 0 for the vanishing cases
+    inits = {
+        "small": lambda shape, g: torch.randn(shape, generator=g, dtype=f64) * 0.01,
+        "xavier": lambda shape, g: xavier_uniform(shape, generator=g, dtype=f64),
+        "he": lambda shape, g: kaiming_normal(shape, generator=g, dtype=f64),
+    }
+    if init not in inits:
+        raise ValueError(f"init must be one of {sorted(inits)}, got {init!r}")
+    if activation not in ("tanh", "relu"):
+        raise ValueError(f"activation must be 'tanh' or 'relu', got {activation!r}")
+    f = ACTIVATIONS[activation][0]
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(batch, width, generator=g, dtype=f64)
+    variances = []
+    for _ in range(depth):
+        h = f(h @ inits[init]((width, width), g).T)
+        variances.append(float(h.var()))
+    return variances

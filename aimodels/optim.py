@@ -343,7 +343,7 @@ class AdamW(Adam):
         weight_decay: float = 0.01,
     ) -> None:
         _check_lr("AdamW", lr)
-        if not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < 1 / lr:
+        if not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay * lr < 1:
             raise ValueError(f"AdamW: expected 0 <= weight_decay < 1/lr, got "
                              f"weight_decay={weight_decay!r}")
         super().__init__(params, lr, betas, eps)
@@ -381,3 +381,289 @@ def warmup_cosine(
         return max_lr * (step + 1) / warmup_steps
     progress = min((step - warmup_steps) / (total_steps - warmup_steps), 1.0)
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------- Nesterov momentum
+class NesterovSGD(SGD):
+    r"""SGD with Nesterov momentum: take the momentum step, then correct with the gradient.
+
+    .. math:: b_t = \beta b_{t-1} + g_t, \qquad \theta_t = \theta_{t-1} - \eta\,(g_t + \beta b_t)
+
+    with :math:`b_1 = g_1`, exactly as ``torch.optim.SGD(..., momentum=beta, nesterov=True)``
+    (no dampening). Heavy-ball momentum steps by :math:`\eta b_t`; Nesterov's step adds the
+    current gradient once more and damps the rest by :math:`\beta`. In this form the stored
+    parameter is the *look-ahead* point :math:`\theta + \beta v` of Sutskever et al. (2013),
+    where the gradient of Nesterov's (1983) method is evaluated.
+    """
+
+    def __init__(self, params: Iterable, lr: float, momentum: float = 0.9) -> None:
+        _check_unit_interval("NesterovSGD", "momentum", momentum)
+        if momentum == 0:
+            raise ValueError("NesterovSGD: Nesterov momentum needs momentum > 0, got momentum=0")
+        super().__init__(params, lr, momentum)
+
+    def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+        beta = group["momentum"]
+        if "velocity" not in state:
+            state["velocity"] = grad.clone()
+        else:
+            state["velocity"].mul_(beta).add_(grad)
+        param.add_(grad.add(state["velocity"], alpha=beta), alpha=-group["lr"])
+
+
+# --------------------------------------------------------------------------- schedules
+def _check_step(owner: str, step: int, last: int | None = None) -> None:
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"{owner}: expected a step count (an int >= 0), got step={step!r}")
+    if last is not None and step > last:
+        raise ValueError(f"{owner}: expected step <= total_steps={last}, got step={step}")
+
+
+def _check_positive_int(owner: str, name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{owner}: expected {name} as an int >= 1, got {name}={value!r}")
+
+
+def _cosine_between(start: float, end: float, fraction: float) -> float:
+    r"""Half a cosine from ``start`` (fraction 0) to ``end`` (fraction 1).
+
+    :math:`\text{end} + \tfrac12 (\text{start} - \text{end})(1 + \cos \pi f)`: flat at both
+    ends, steepest in the middle.
+    """
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * fraction))
+
+
+def step_decay_lr(step: int, base_lr: float, step_size: int, gamma: float = 0.1) -> float:
+    r"""Step decay: multiply the rate by ``gamma`` every ``step_size`` steps.
+
+    .. math:: \eta_t = \eta_0 \, \gamma^{\lfloor t / s \rfloor}
+
+    Equals ``torch.optim.lr_scheduler.StepLR(optimizer, step_size=s, gamma=gamma)`` after
+    ``t`` calls of its ``step()``.
+    """
+    _check_step("step_decay_lr", step)
+    _check_lr("step_decay_lr", base_lr)
+    _check_positive_int("step_decay_lr", "step_size", step_size)
+    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not 0 < gamma <= 1:
+        raise ValueError(f"step_decay_lr: expected gamma in (0, 1], got gamma={gamma!r}")
+    return base_lr * gamma ** (step // step_size)
+
+
+def cosine_annealing_lr(step: int, base_lr: float, t_max: int, min_lr: float = 0.0) -> float:
+    r"""Cosine annealing from ``base_lr`` down to ``min_lr`` over ``t_max`` steps.
+
+    .. math:: \eta_t = \eta_{\min} + \tfrac12 (\eta_0 - \eta_{\min})
+              \Big(1 + \cos \frac{\pi t}{T_{\max}}\Big)
+
+    the schedule of SGDR (Loshchilov and Hutter, 2017) without its restarts. Equals
+    ``torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max, eta_min)``; like it,
+    the cosine keeps going past ``t_max`` and climbs back up.
+    """
+    _check_step("cosine_annealing_lr", step)
+    _check_lr("cosine_annealing_lr", base_lr)
+    _check_positive_int("cosine_annealing_lr", "t_max", t_max)
+    if not isinstance(min_lr, (int, float)) or not 0 <= min_lr <= base_lr:
+        raise ValueError(f"cosine_annealing_lr: expected 0 <= min_lr <= base_lr={base_lr!r}, "
+                         f"got min_lr={min_lr!r}")
+    return _cosine_between(base_lr, min_lr, step / t_max)
+
+
+def linear_warmup_lr(
+    step: int,
+    base_lr: float,
+    warmup_steps: int,
+    start_factor: float = 1 / 3,
+    end_factor: float = 1.0,
+) -> float:
+    r"""Linear warm-up: grow the rate from ``start_factor * base_lr`` over ``warmup_steps``.
+
+    .. math:: \eta_t = \eta_0 \Big(s + (e - s)\,\frac{\min(t, W)}{W}\Big)
+
+    then hold it at ``end_factor * base_lr``. Equals ``torch.optim.lr_scheduler.LinearLR(
+    optimizer, start_factor, end_factor, total_iters=W)`` (whose defaults are used here).
+    Goyal et al. (2017) warm up this way so that large-batch SGD survives its first epochs.
+    """
+    _check_step("linear_warmup_lr", step)
+    _check_lr("linear_warmup_lr", base_lr)
+    _check_positive_int("linear_warmup_lr", "warmup_steps", warmup_steps)
+    if not isinstance(start_factor, (int, float)) or not 0 < start_factor <= 1:
+        raise ValueError(f"linear_warmup_lr: expected start_factor in (0, 1], "
+                         f"got start_factor={start_factor!r}")
+    if not isinstance(end_factor, (int, float)) or not 0 <= end_factor <= 1:
+        raise ValueError(f"linear_warmup_lr: expected end_factor in [0, 1], "
+                         f"got end_factor={end_factor!r}")
+    progress = min(step, warmup_steps) / warmup_steps
+    return base_lr * (start_factor + (end_factor - start_factor) * progress)
+
+
+def _one_cycle_phase(
+    owner: str, step: int, total_steps: int, pct_start: float
+) -> tuple[int, float]:
+    """Which phase of the one-cycle policy ``step`` is in (0 rising, 1 falling), and how far."""
+    _check_positive_int(owner, "total_steps", total_steps)
+    _check_step(owner, step, last=total_steps)
+    peak = pct_start * total_steps - 1  # the last step of the rising phase, as in PyTorch
+    if not isinstance(pct_start, float) or not 0 < peak < total_steps - 1:
+        raise ValueError(f"{owner}: expected a float pct_start with 1 < pct_start * total_steps "
+                         f"< total_steps, got pct_start={pct_start!r}, total_steps={total_steps}")
+    if step <= peak:
+        return 0, step / peak
+    return 1, (step - peak) / (total_steps - 1 - peak)
+
+
+def one_cycle_lr(
+    step: int,
+    total_steps: int,
+    max_lr: float,
+    pct_start: float = 0.3,
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+) -> float:
+    r"""The one-cycle policy (Smith, 2018; Smith and Topin, 2019): one rise, one long fall.
+
+    The rate climbs along half a cosine from :math:`\eta_{\max}/d` to :math:`\eta_{\max}`
+    during the first ``pct_start`` of the steps, then falls along another half cosine to
+    :math:`\eta_{\max}/(d\,d_f)`, far below where it started. Equals
+    ``torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr, total_steps)`` with its defaults
+    ``anneal_strategy='cos'`` and ``three_phase=False``. That scheduler also cycles the
+    momentum (or Adam's :math:`\beta_1`) the other way: see :func:`one_cycle_momentum`.
+    """
+    phase, fraction = _one_cycle_phase("one_cycle_lr", step, total_steps, pct_start)
+    _check_lr("one_cycle_lr", max_lr)
+    if not div_factor > 0 or not final_div_factor > 0:
+        raise ValueError(f"one_cycle_lr: expected div_factor > 0 and final_div_factor > 0, got "
+                         f"div_factor={div_factor!r}, final_div_factor={final_div_factor!r}")
+    initial_lr = max_lr / div_factor
+    if phase == 0:
+        return _cosine_between(initial_lr, max_lr, fraction)
+    return _cosine_between(max_lr, initial_lr / final_div_factor, fraction)
+
+
+def one_cycle_momentum(
+    step: int,
+    total_steps: int,
+    pct_start: float = 0.3,
+    base_momentum: float = 0.85,
+    max_momentum: float = 0.95,
+) -> float:
+    r"""The momentum (or :math:`\beta_1`) that ``OneCycleLR`` sets at ``step``.
+
+    It moves opposite to the rate: from ``max_momentum`` down to ``base_momentum`` while
+    the rate rises, and back up while it falls, along the same half cosines. PyTorch does
+    this by default (``cycle_momentum=True``) and writes it into ``group["momentum"]`` (SGD)
+    or ``group["betas"][0]`` (Adam and AdamW).
+    """
+    phase, fraction = _one_cycle_phase("one_cycle_momentum", step, total_steps, pct_start)
+    if not 0 <= base_momentum <= max_momentum < 1:
+        raise ValueError(f"one_cycle_momentum: expected 0 <= base_momentum <= max_momentum < 1, "
+                         f"got base_momentum={base_momentum!r}, max_momentum={max_momentum!r}")
+    if phase == 0:
+        return _cosine_between(max_momentum, base_momentum, fraction)
+    return _cosine_between(base_momentum, max_momentum, fraction)
+
+
+# --------------------------------------------------------------------------- clipping
+def _p_norm(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The p-norm of all entries of ``x``: the largest magnitude when p is infinite."""
+    if math.isinf(p):
+        return x.abs().max()
+    return x.abs().pow(p).sum().pow(1 / p)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0
+) -> torch.Tensor:
+    r"""Rescale all gradients *together* so that their global norm is at most ``max_norm``.
+
+    .. math:: N = \big\lVert (\lVert g_1 \rVert_p, \dots, \lVert g_k \rVert_p) \big\rVert_p,
+              \qquad g_i \leftarrow g_i \cdot \min\Big(1, \frac{c}{N + 10^{-6}}\Big)
+
+    :math:`N` is the norm of every gradient entry stacked into one vector, so clipping
+    shortens the whole update without turning it (Pascanu et al., 2013). Changes the
+    gradients in place and returns :math:`N` measured *before* clipping, exactly as
+    ``torch.nn.utils.clip_grad_norm_``. Parameters without a gradient are skipped.
+    """
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    if not isinstance(max_norm, (int, float)) or isinstance(max_norm, bool) or not max_norm >= 0:
+        raise ValueError(f"clip_grad_norm_: expected max_norm >= 0, got max_norm={max_norm!r}")
+    p = float(norm_type)
+    if not p > 0:
+        raise ValueError(f"clip_grad_norm_: expected norm_type > 0 (or inf), got {norm_type!r}")
+    grads = [param.grad for param in params if param.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    total = _p_norm(torch.stack([_p_norm(g, p) for g in grads]), p)
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(scale)
+    return total
+
+
+# --------------------------------------------------------------------------- weight decay
+def weight_decay_under_noise(
+    make_optimizer: Callable[[list[torch.Tensor]], Optimizer],
+    grad_scales: Iterable[float],
+    steps: int,
+    l2: float = 0.0,
+    size: int = 1000,
+    seed: int = 0,
+) -> Array:
+    r"""How fast an optimiser shrinks weights whose loss gives them nothing but noise.
+
+    One row of ``size`` weights per entry of ``grad_scales``, all starting at 1. At every
+    step the gradient of row k is Gaussian noise of standard deviation ``grad_scales[k]``
+    (the same noise for every optimiser with the same ``seed``), plus :math:`\delta\theta`
+    when ``l2`` :math:`= \delta` is not 0: L2 regularisation, the penalty
+    :math:`\tfrac{\delta}{2}\lVert\theta\rVert^2` added to the loss. The noise averages
+    out, so what moves the *mean* weight is the decay alone. Returns the mean of each row
+    after every step, shape ``[steps + 1, len(grad_scales)]``.
+    """
+    grad_scales = list(grad_scales)
+    if not grad_scales or not all(isinstance(s, (int, float)) and s >= 0 for s in grad_scales):
+        raise ValueError(f"weight_decay_under_noise: expected a non-empty list of gradient "
+                         f"scales >= 0, got {grad_scales!r}")
+    scales = torch.tensor(grad_scales, dtype=torch.float64)
+    _check_positive_int("weight_decay_under_noise", "size", size)
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.ones(len(scales), size, dtype=torch.float64, requires_grad=True)
+    optimizer = make_optimizer([weights])
+    means = [weights.detach().mean(dim=1).clone()]
+    for _ in range(steps):
+        noise = torch.randn(weights.shape, generator=generator, dtype=torch.float64)
+        with torch.no_grad():
+            weights.grad = noise * scales[:, None] + l2 * weights
+        optimizer.step()
+        means.append(weights.detach().mean(dim=1).clone())
+    return torch.stack(means).numpy()
+
+
+def torch_schedule(
+    make_scheduler: Callable[[Optimizer], Any],
+    steps: int,
+    lr: float = 1.0,
+    make_optimizer: Callable[[list[torch.Tensor]], Optimizer] | None = None,
+) -> dict[str, Array]:
+    """The learning rate and momentum a ``torch.optim.lr_scheduler`` sets at steps 0..steps-1.
+
+    ``make_scheduler`` receives an optimiser (by default ``torch.optim.SGD`` with ``lr`` and
+    momentum 0.9 on one dummy parameter) and returns the scheduler. The loop calls
+    ``optimizer.step()`` then ``scheduler.step()``, as a training loop does, and records
+    ``group["lr"]`` and the momentum (``group["momentum"]``, or ``group["betas"][0]`` for
+    Adam) *before* each step: the values that step trains with.
+    """
+    _check_positive_int("torch_schedule", "steps", steps)
+    param = torch.nn.Parameter(torch.zeros(1))
+    if make_optimizer is None:
+        optimizer = torch.optim.SGD([param], lr=lr, momentum=0.9)
+    else:
+        optimizer = make_optimizer([param])
+    scheduler = make_scheduler(optimizer)
+    rates, momenta = [], []
+    for _ in range(steps):
+        group = optimizer.param_groups[0]
+        rates.append(float(group["lr"]))
+        momenta.append(float(group["betas"][0] if "betas" in group else group.get("momentum", 0)))
+        optimizer.step()  # no gradient: parameters stay, the step counter moves
+        scheduler.step()
+    return {"lr": np.array(rates), "momentum": np.array(momenta)}

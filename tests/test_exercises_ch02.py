@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import pytest
@@ -13,6 +14,13 @@ from aimodels import optim
 
 
 # --------------------------------------------------------------------------- answers
+def cosine(t, warmup, total, floor, peak=6e-4):  # the cosine part of optim.warmup_cosine
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+
+
+COSINE_3000 = cosine(3000, 500, 10_000, 6e-5)
+
+
 class AdaGrad(optim.ScratchOptimizer):  # the notebook's solution
     def __init__(self, params, lr, eps=1e-10):
         super().__init__(params, {"lr": lr, "eps": eps})
@@ -121,6 +129,22 @@ WRONG = [
     wrong(ex.check_adam_first_step, 10.0, expect=["plain gradient descent"], id="adam-plain-gd"),
     wrong(ex.check_adam_first_step, 0.001, expect=["bias correction of m"], id="adam-m-uncorrected"),
     wrong(ex.check_adam_first_step, 0.01 / 0.001**0.5, expect=["bias correction of v"], id="adam-v-uncorrected"),
+    wrong(ex.ch02.check_warmup_cosine_lr, 6e-4 * 99 / 500, COSINE_3000, expect=["100th step"], id="warmup-off-by-one"),
+    wrong(ex.ch02.check_warmup_cosine_lr, 6e-4, COSINE_3000, expect=["inside the warm-up"], id="warmup-at-peak"),
+    wrong(ex.ch02.check_warmup_cosine_lr, 6e-5, COSINE_3000, expect=["not at the floor"], id="warmup-from-floor"),
+    wrong(ex.ch02.check_warmup_cosine_lr, 1.2e-4, cosine(3000, 0, 10_000, 6e-5), expect=["warm-up rate is right", "(t - W) / (S - W)"], id="cosine-no-offset"),
+    wrong(ex.ch02.check_warmup_cosine_lr, 1.2e-4, cosine(2500, 0, 10_000, 6e-5), expect=["S - W, not by S"], id="cosine-over-S"),
+    wrong(ex.ch02.check_warmup_cosine_lr, 1.2e-4, cosine(3000, 500, 10_000, 0.0), expect=["floor 6e-5"], id="cosine-no-floor"),
+    wrong(ex.ch02.check_warmup_cosine_lr, 1.2e-4, 6e-4 - 5.4e-4 * 2500 / 9500, expect=["linear decay"], id="cosine-linear"),
+    wrong(ex.ch02.check_warmup_cosine_lr, 1.2e-4, 3e-4, expect=["warm-up rate is right"], id="cosine-guess"),
+    wrong(ex.ch02.check_clipped_gradient, 2.6, 1.0, expect=["*before* clipping"], id="clip-returns-after"),
+    wrong(ex.ch02.check_clipped_gradient, 17, 1.0, expect=["added the two norms"], id="clip-sum-of-norms"),
+    wrong(ex.ch02.check_clipped_gradient, 19, 1.0, expect=["L1 norm"], id="clip-l1"),
+    wrong(ex.ch02.check_clipped_gradient, 169, 1.0, expect=["square root"], id="clip-squared"),
+    wrong(ex.ch02.check_clipped_gradient, 13, 2.6, expect=["norm is right", "each tensor on its own"], id="clip-per-tensor"),
+    wrong(ex.ch02.check_clipped_gradient, 13, 5.0, expect=["scaled down"], id="clip-not-applied"),
+    wrong(ex.ch02.check_clipped_gradient, 13, 0.2, expect=["scale factor"], id="clip-the-factor"),
+    wrong(ex.ch02.check_clipped_gradient, 13, 5 * 2.6 / 17, expect=["not 5 + 12"], id="clip-factor-from-sum"),
 ]
 
 
@@ -129,6 +153,15 @@ def test_right_answers_pass(capsys):
     accepts(capsys, ex.check_adam_first_step, 0.01 * 1000 / (1000 + 1e-8))
     for answer in (AdaGrad, PlainAdaGrad):
         accepts(capsys, ex.check_adagrad, answer)
+    accepts(capsys, ex.ch02.check_warmup_cosine_lr, 6e-4 * (99 + 1) / 500, COSINE_3000)
+    accepts(capsys, ex.ch02.check_warmup_cosine_lr, optim.warmup_cosine(99, 10_000, 6e-4, 500, 6e-5),
+            torch.tensor(optim.warmup_cosine(3000, 10_000, 6e-4, 500, 6e-5)))
+    accepts(capsys, ex.ch02.check_warmup_cosine_lr, 1.2e-4, 5.129e-4)  # rounded to 4 digits
+    accepts(capsys, ex.ch02.check_clipped_gradient, 13.0, 1.0)
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 12.0])
+    total = torch.nn.utils.clip_grad_norm_([a, b], max_norm=2.6)
+    accepts(capsys, ex.ch02.check_clipped_gradient, total, a.grad.norm())
 
 
 @pytest.mark.parametrize(("check", "args", "expect"), WRONG)
@@ -140,6 +173,14 @@ def test_wrong_answers_are_rejected(capsys, check, args, expect):
 @pytest.mark.parametrize("answer", [..., None])
 def test_number_stubs_get_not_yet(capsys, check, answer):
     rejects(capsys, check, answer, expect=["write your solution first"])
+
+
+@pytest.mark.parametrize("check", [ex.ch02.check_warmup_cosine_lr, ex.ch02.check_clipped_gradient])
+@pytest.mark.parametrize("answer", [..., None, "0.1", [1.0]])
+def test_two_number_graders_reject_stubs_and_non_numbers(capsys, check, answer):
+    rejects(capsys, check, answer, answer, expect=["Hint: "])
+    right_first = (1.2e-4, 13.0)[check is ex.ch02.check_clipped_gradient]
+    rejects(capsys, check, right_first, answer, expect=["is right"])
 
 
 def test_class_stubs_and_errors_get_not_yet(capsys):

@@ -25,6 +25,14 @@ TWINS = {
         lambda p: optim.Adam(p, lr=0.002, betas=(0.8, 0.99), eps=1e-6),
         lambda p: torch.optim.Adam(p, lr=0.002, betas=(0.8, 0.99), eps=1e-6),
     ),
+    "nesterov": (
+        lambda p: optim.NesterovSGD(p, lr=0.05, momentum=0.9),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+    ),
+    "nesterov-0.5": (
+        lambda p: optim.NesterovSGD(p, lr=0.02, momentum=0.5),
+        lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.5, dampening=0, nesterov=True),
+    ),
     "adamw": (lambda p: optim.AdamW(p, lr=0.01), lambda p: torch.optim.AdamW(p, lr=0.01)),
     "adamw-decay": (
         lambda p: optim.AdamW(p, lr=0.02, betas=(0.9, 0.95), weight_decay=0.3),
@@ -216,3 +224,198 @@ def test_warmup_cosine_rejects_bad_settings():
         optim.warmup_cosine(0, 10, 0.1, warmup_steps=10)
     with pytest.raises(ValueError, match="min_lr"):
         optim.warmup_cosine(0, 10, 0.1, min_lr=0.2)
+
+
+# --------------------------------------------------------------------------- Nesterov
+def test_nesterov_is_not_heavy_ball_and_needs_momentum():
+    gap = optim.max_difference_from_twin(
+        lambda p: optim.NesterovSGD(p, lr=0.05, momentum=0.9),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), steps=20)
+    assert gap > 1e-3
+    with pytest.raises(ValueError, match="needs momentum > 0, got momentum=0"):
+        optim.NesterovSGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.0)
+    with pytest.raises(ValueError, match=r"expected momentum in \[0, 1\), got momentum=1.2"):
+        optim.NesterovSGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=1.2)
+
+
+def test_nesterov_first_step_adds_the_gradient_twice_scaled():
+    # b_1 = g, so the first step is lr * (g + beta * g)
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = optim.NesterovSGD([w], lr=0.1, momentum=0.9)
+    w.grad = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    opt.step()
+    expected = torch.tensor([1.0, -2.0], dtype=torch.float64) - 0.1 * 1.9 * w.grad
+    torch.testing.assert_close(w.detach(), expected)
+
+
+# --------------------------------------------------------------------------- schedules
+SCHEDULES = {
+    "step-30-0.1": (lambda t: optim.step_decay_lr(t, 0.1, 30),
+                    lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=30)),
+    "step-7-0.5": (lambda t: optim.step_decay_lr(t, 0.1, 7, gamma=0.5),
+                   lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=7, gamma=0.5)),
+    "cosine": (lambda t: optim.cosine_annealing_lr(t, 0.1, 100),
+               lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=100)),
+    "cosine-past-t_max": (lambda t: optim.cosine_annealing_lr(t, 0.1, 40, min_lr=1e-3),
+                          lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=40,
+                                                                               eta_min=1e-3)),
+    "warmup-default": (lambda t: optim.linear_warmup_lr(t, 0.1, 5),
+                       lambda o: torch.optim.lr_scheduler.LinearLR(o)),
+    "warmup-0.01-to-0.5": (
+        lambda t: optim.linear_warmup_lr(t, 0.1, 20, start_factor=0.01, end_factor=0.5),
+        lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.01, end_factor=0.5,
+                                                    total_iters=20)),
+    "one-cycle": (lambda t: optim.one_cycle_lr(t, 100, 0.1),
+                  lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=100)),
+    "one-cycle-custom": (
+        lambda t: optim.one_cycle_lr(t, 100, 0.3, pct_start=0.25, div_factor=10.0,
+                                     final_div_factor=100.0),
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.3, total_steps=100,
+                                                      pct_start=0.25, div_factor=10.0,
+                                                      final_div_factor=100.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_schedules_match_torch_lr_scheduler(name):
+    ours, make_scheduler = SCHEDULES[name]
+    theirs = optim.torch_schedule(make_scheduler, 100, lr=0.1)["lr"]
+    torch.testing.assert_close(torch.tensor([ours(t) for t in range(100)], dtype=torch.float64),
+                               torch.tensor(theirs))
+
+
+def test_schedule_comparison_detects_a_different_schedule():
+    theirs = optim.torch_schedule(
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=100,
+                                                      anneal_strategy="linear"), 100)["lr"]
+    ours = torch.tensor([optim.one_cycle_lr(t, 100, 0.1) for t in range(100)], dtype=torch.float64)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(ours, torch.tensor(theirs))
+
+
+@pytest.mark.parametrize("adam", [False, True])
+def test_one_cycle_momentum_matches_what_torch_writes_into_the_optimizer(adam):
+    make = (lambda p: torch.optim.Adam(p, lr=0.1)) if adam else None
+    trace = optim.torch_schedule(
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=60,
+                                                      pct_start=0.4), 60, make_optimizer=make)
+    ours = torch.tensor([optim.one_cycle_momentum(t, 60, pct_start=0.4) for t in range(60)],
+                        dtype=torch.float64)
+    torch.testing.assert_close(ours, torch.tensor(trace["momentum"]))
+    assert trace["momentum"][0] == pytest.approx(0.95) and trace["momentum"].min() < 0.851
+
+
+def test_one_cycle_switches_on_momentum_in_plain_sgd():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.1)  # momentum 0
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    assert opt.param_groups[0]["momentum"] == pytest.approx(optim.one_cycle_momentum(0, 10))
+
+
+def test_schedule_shapes():
+    assert optim.step_decay_lr(59, 1.0, 30) == pytest.approx(0.1)
+    assert optim.cosine_annealing_lr(50, 1.0, 100) == pytest.approx(0.5)
+    assert optim.cosine_annealing_lr(100, 1.0, 100, min_lr=0.1) == pytest.approx(0.1)
+    assert optim.linear_warmup_lr(0, 0.3, 10, start_factor=0.1) == pytest.approx(0.03)
+    assert optim.linear_warmup_lr(1000, 0.3, 10) == pytest.approx(0.3)
+    peak = optim.one_cycle_lr(29, 100, 1.0)  # the last step of the rise: 0.3 * 100 - 1
+    assert peak == pytest.approx(1.0)
+    assert optim.one_cycle_lr(0, 100, 1.0) == pytest.approx(1 / 25)
+    assert optim.one_cycle_lr(99, 100, 1.0) == pytest.approx(1 / 25 / 1e4)
+    assert optim.one_cycle_momentum(29, 100) == pytest.approx(0.85)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: optim.step_decay_lr(-1, 0.1, 10), r"step_decay_lr: expected a step count .* step=-1"),
+        (lambda: optim.step_decay_lr(1.5, 0.1, 10), r"got step=1.5"),
+        (lambda: optim.step_decay_lr(1, 0.1, 0), r"step_size as an int >= 1, got step_size=0"),
+        (lambda: optim.step_decay_lr(1, 0.1, 10, gamma=2.0), r"gamma in \(0, 1\], got gamma=2.0"),
+        (lambda: optim.cosine_annealing_lr(1, 0.1, 0), r"t_max as an int >= 1, got t_max=0"),
+        (lambda: optim.cosine_annealing_lr(1, 0.1, 10, min_lr=0.2), r"min_lr <= base_lr=0.1"),
+        (lambda: optim.linear_warmup_lr(1, -0.1, 5), r"lr >= 0, got lr=-0.1"),
+        (lambda: optim.linear_warmup_lr(1, 0.1, 5, start_factor=0.0), r"start_factor in \(0, 1\]"),
+        (lambda: optim.linear_warmup_lr(1, 0.1, 5, end_factor=2.0), r"end_factor in \[0, 1\]"),
+        (lambda: optim.one_cycle_lr(101, 100, 0.1), r"step <= total_steps=100, got step=101"),
+        (lambda: optim.one_cycle_lr(0, 100, 0.1, pct_start=1), r"float pct_start"),
+        (lambda: optim.one_cycle_lr(0, 3, 0.1), r"pct_start \* total_steps"),
+        (lambda: optim.one_cycle_lr(0, 100, 0.1, div_factor=0), r"div_factor > 0"),
+        (lambda: optim.one_cycle_momentum(0, 100, base_momentum=0.99), r"base_momentum <= max_momentum"),
+    ],
+)
+def test_schedules_reject_bad_settings(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# --------------------------------------------------------------------------- clipping
+def _grads_pair(seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(4, 3), (3,), (2, 2, 2)]
+    ours = [torch.zeros(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    theirs = [torch.zeros(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    for a, b in zip(ours, theirs, strict=True):
+        a.grad = torch.randn(a.shape, generator=g, dtype=torch.float64) * scale
+        b.grad = a.grad.clone()
+    return ours, theirs
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, float("inf")])
+@pytest.mark.parametrize("scale", [0.01, 10.0])
+def test_clip_grad_norm_matches_torch(norm_type, scale):
+    ours, theirs = _grads_pair(0, scale)
+    ours.append(torch.zeros(2, requires_grad=True))  # no gradient: skipped by both
+    theirs.append(torch.zeros(2, requires_grad=True))
+    total = optim.clip_grad_norm_(ours, max_norm=1.0, norm_type=norm_type)
+    reference = torch.nn.utils.clip_grad_norm_(theirs, max_norm=1.0, norm_type=norm_type)
+    torch.testing.assert_close(total, reference)
+    for a, b in zip(ours[:-1], theirs[:-1], strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+    assert ours[-1].grad is None
+
+
+def test_clip_grad_norm_scales_all_gradients_by_one_factor():
+    a = torch.zeros(2, requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([12.0])
+    total = optim.clip_grad_norm_([a, b], max_norm=2.6)
+    torch.testing.assert_close(total, torch.tensor(13.0))
+    factor = 2.6 / (13.0 + 1e-6)
+    torch.testing.assert_close(a.grad, torch.tensor([3.0, 4.0]) * factor)
+    torch.testing.assert_close(b.grad, torch.tensor([12.0]) * factor)
+    # below the threshold nothing changes; a single tensor is accepted
+    total = optim.clip_grad_norm_(a, max_norm=100.0)
+    torch.testing.assert_close(a.grad, torch.tensor([3.0, 4.0]) * factor)
+    assert optim.clip_grad_norm_([], 1.0).item() == 0.0
+    with pytest.raises(ValueError, match="max_norm >= 0, got max_norm=-1"):
+        optim.clip_grad_norm_([a], max_norm=-1)
+    with pytest.raises(ValueError, match="norm_type > 0"):
+        optim.clip_grad_norm_([a], max_norm=1.0, norm_type=0)
+
+
+# --------------------------------------------------------------------------- weight decay
+def test_adam_with_l2_in_the_gradient_is_torch_adam_weight_decay():
+    ours = optim.weight_decay_under_noise(lambda p: optim.Adam(p, lr=0.01), [0.1, 3.0], 50,
+                                          l2=0.2, size=20)
+    theirs = optim.weight_decay_under_noise(
+        lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.2), [0.1, 3.0], 50, size=20)
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs))
+    adamw = optim.weight_decay_under_noise(
+        lambda p: optim.AdamW(p, lr=0.01, weight_decay=0.2), [0.1, 3.0], 50, size=20)
+    torch_adamw = optim.weight_decay_under_noise(
+        lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.2), [0.1, 3.0], 50, size=20)
+    torch.testing.assert_close(torch.tensor(adamw), torch.tensor(torch_adamw))
+
+
+def test_l2_decays_weights_with_small_gradients_faster_adamw_decays_all_alike():
+    scales, steps, lr, decay = [0.01, 1.0, 10.0], 600, 0.01, 0.1
+    adamw = optim.weight_decay_under_noise(
+        lambda p: optim.AdamW(p, lr=lr, weight_decay=decay), scales, steps)
+    l2 = optim.weight_decay_under_noise(lambda p: optim.Adam(p, lr=lr), scales, steps, l2=decay)
+    assert adamw.shape == (steps + 1, 3)
+    np.testing.assert_allclose(adamw[-1], (1 - lr * decay) ** steps, atol=0.03)
+    assert l2[-1, 0] < 0.05 < 0.9 < l2[-1, 2]  # small gradients: gone; large: barely decayed
+    assert abs(l2[-1, 1] - adamw[-1, 1]) < 0.05  # gradient scale 1: the two agree
+    with pytest.raises(ValueError, match="gradient scales >= 0"):
+        optim.weight_decay_under_noise(lambda p: optim.Adam(p, lr=lr), [-1.0], 3)

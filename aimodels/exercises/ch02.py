@@ -12,6 +12,7 @@ from ._common import (
     Library,
     NotYet,
     _grade_number,
+    _judge_number,
     _report,
     _require_callable,
     call,
@@ -19,7 +20,13 @@ from ._common import (
     grader,
 )
 
-__all__ = ["check_adagrad", "check_adam_first_step", "check_max_stable_lr"]
+__all__ = [
+    "check_adagrad",
+    "check_adam_first_step",
+    "check_clipped_gradient",
+    "check_max_stable_lr",
+    "check_warmup_cosine_lr",
+]
 
 
 @grader
@@ -156,3 +163,90 @@ def check_adam_first_step(answer: object) -> bool:
                                     "1 - beta2 at step 1."},
         rel=1e-4,
     )
+
+
+def _cosine_phase(t: float, total: float, warmup: float, max_lr: float, min_lr: float,
+                  offset: bool = True) -> float:
+    progress = (t - warmup) / (total - warmup) if offset else t / total
+    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@grader
+def check_warmup_cosine_lr(at_step_99: object, at_step_3000: object) -> bool:
+    """Ch. 2, exercise 5: two learning rates of a warm-up + cosine schedule.
+
+    S = 10,000 steps, W = 500 warm-up steps, peak 6e-4, floor 6e-5, steps counted from 0,
+    with the formula of ``aimodels.optim.warmup_cosine``.
+    """
+    total, warmup, peak, floor = 10_000, 500, 6e-4, 6e-5
+    right_warmup = _judge_number(
+        "rate at step 99", at_step_99, peak * (99 + 1) / warmup,
+        {peak * 99 / warmup: "steps count from 0, so step 99 is the 100th step: the rate is "
+                             "peak * (t + 1) / W.",
+         peak: "step 99 is still inside the warm-up (t < W = 500): the rate is still growing.",
+         _cosine_phase(99, total, warmup, peak, floor, offset=False):
+             "step 99 is still inside the warm-up (t < W = 500): use peak * (t + 1) / W.",
+         peak / warmup: "multiply by t + 1 = 100: the rate grows by peak / W per step.",
+         floor: "the warm-up starts near 0, not at the floor min_lr: use peak * (t + 1) / W."},
+        rel=1e-3,
+    )
+    try:
+        right_decay = _judge_number(
+            "rate at step 3000", at_step_3000, _cosine_phase(3000, total, warmup, peak, floor),
+            {_cosine_phase(3000, total, warmup, peak, floor, offset=False):
+                 "the cosine starts after the warm-up: its progress is (t - W) / (S - W), "
+                 "not t / S.",
+             _cosine_phase(3000 - warmup, total, 0, peak, floor):
+                 "the cosine runs over the S - W steps after the warm-up: divide t - W by "
+                 "S - W, not by S.",
+             _cosine_phase(3000, total, warmup, peak, 0.0):
+                 "the cosine ends at the floor 6e-5, not at 0: add min_lr and scale by "
+                 "(max_lr - min_lr).",
+             peak - (peak - floor) * (3000 - warmup) / (total - warmup):
+                 "that is a linear decay; this schedule follows half a cosine: "
+                 "min + (max - min) (1 + cos(pi p)) / 2.",
+             0.5 * (peak - floor) * (1 + math.cos((3000 - warmup) / (total - warmup))):
+                 "put pi inside the cosine, cos(pi p), and add the floor min_lr."},
+            rel=0.005,
+        )
+    except NotYet as wrong:
+        raise NotYet(f"the warm-up rate is right; {wrong.message}", wrong.hint) from None
+    return _report(True, f"{right_warmup[:-1]}, {right_decay}")
+
+
+@grader
+def check_clipped_gradient(total_norm: object, length_a: object) -> bool:
+    """Ch. 2, exercise 6: global-norm clipping of g_a = (3, 4) and g_b = (0, 12) to 2.6.
+
+    The two answers: the norm ``clip_grad_norm_`` returns, and the length of g_a after it.
+    """
+    norm_a, norm_b, max_norm = 5.0, 12.0, 2.6
+    total = math.hypot(norm_a, norm_b)  # 13: all four entries as one vector
+    right_total = _judge_number(
+        "returned norm", total_norm, total,
+        {max_norm: "clip_grad_norm_ returns the norm *before* clipping, so that you can log "
+                   "how large the gradients really were.",
+         norm_a + norm_b: "you added the two norms; the global norm is the norm of all "
+                          "entries as one vector: sqrt(5^2 + 12^2).",
+         3 + 4 + 12: "that is the L1 norm (sum of absolute values); norm_type=2 means the "
+                     "Euclidean length sqrt(3^2 + 4^2 + 0^2 + 12^2).",
+         total**2: "take the square root of the sum of squares.",
+         norm_b: "that is the largest single norm; the global norm combines both gradients."},
+        rel=1e-3,
+    )
+    try:
+        right_length = _judge_number(
+            "length of g_a after clipping", length_a, norm_a * max_norm / (total + 1e-6),
+            {max_norm: "that is clipping each tensor on its own; clip_grad_norm_ scales every "
+                       "gradient by the same factor max_norm / total_norm.",
+             norm_a: "the total norm 13 is above 2.6, so every gradient is scaled down.",
+             max_norm / total: "that is the scale factor; multiply it by the length of g_a.",
+             norm_a * max_norm / (norm_a + norm_b): "the factor uses the global norm "
+                                                    "sqrt(5^2 + 12^2) = 13, not 5 + 12.",
+             norm_a * max_norm / 19: "the factor uses the Euclidean global norm 13, not the "
+                                     "L1 norm 19."},
+            rel=1e-3,
+        )
+    except NotYet as wrong:
+        raise NotYet(f"the returned norm is right; {wrong.message}", wrong.hint) from None
+    return _report(True, f"{right_total[:-1]}, {right_length}")

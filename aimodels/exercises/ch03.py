@@ -22,7 +22,14 @@ from ._common import (
     torch_generator,
 )
 
-__all__ = ["check_ce_grad", "check_double_softmax_floor", "check_numerical_grad"]
+__all__ = [
+    "check_ce_grad",
+    "check_double_softmax_floor",
+    "check_he_std",
+    "check_inverted_dropout",
+    "check_numerical_grad",
+    "check_two_layer_grads",
+]
 
 _AUTOGRAD_CE = Library(
     task="the exercise asks for the gradient by hand, without autograd",
@@ -174,3 +181,190 @@ def check_numerical_grad(fn: Callable[..., torch.Tensor]) -> bool:
         raise NotYet(f"{where}: got {[float(f'{v:.6g}') for v in got.tolist()]}, expected "
                      f"{[float(f'{v:.6g}') for v in expected.tolist()]}.", hint)
     return _report(True, "your central differences agree with the formula at every step size.")
+
+
+# --------------------------------------------------------------------------- two hidden layers
+_AUTOGRAD_TWO = Library(
+    task="the exercise asks for the backward pass by hand, without autograd",
+    hint="start from delta3 = (softmax(Z3) - onehot(y)) / batch and go down one layer at a time.",
+    torch=AUTOGRAD,
+)
+_TWO_LAYER_KEYS = ("W1", "b1", "W2", "b2", "W3", "b3")
+
+
+def _two_layer_reference(params: dict[str, torch.Tensor], X: torch.Tensor, y: torch.Tensor,
+                         slip: str = "") -> dict[str, torch.Tensor]:
+    """Hand-written gradients of the 2-hidden-layer sigmoid MLP, or a named slip of them."""
+    Z1 = X @ params["W1"].T + params["b1"]
+    H1 = torch.sigmoid(Z1)
+    Z2 = H1 @ params["W2"].T + params["b2"]
+    H2 = torch.sigmoid(Z2)
+    Z3 = H2 @ params["W3"].T + params["b3"]
+
+    def slope(Z: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+        if slip == "slope-of-H":
+            return torch.sigmoid(H) * (1 - torch.sigmoid(H))
+        return torch.ones_like(Z) if slip == "no-slope" else H * (1 - H)
+
+    delta3 = torch.softmax(Z3, 1) - F.one_hot(y, Z3.shape[1]).to(Z3.dtype)
+    if slip != "sum":
+        delta3 = delta3 / X.shape[0]
+    delta2 = (delta3 @ params["W3"]) * slope(Z2, H2)
+    delta1 = (delta2 @ params["W2"]) * slope(Z1, H1)
+    return {"W3": delta3.T @ H2, "b3": delta3.sum(0), "W2": delta2.T @ H1, "b2": delta2.sum(0),
+            "W1": delta1.T @ X, "b1": delta1.sum(0)}
+
+
+def _autograd_two_layer(params: dict[str, torch.Tensor], X: torch.Tensor,
+                        y: torch.Tensor) -> dict[str, torch.Tensor]:
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    H1 = torch.sigmoid(X @ leaves["W1"].T + leaves["b1"])
+    H2 = torch.sigmoid(H1 @ leaves["W2"].T + leaves["b2"])
+    F.cross_entropy(H2 @ leaves["W3"].T + leaves["b3"], y).backward()
+    return {k: v.grad for k, v in leaves.items()}
+
+
+_TWO_LAYER_SLIPS = {
+    "sum": "the loss is a *mean* over the batch: divide delta3 by the batch size.",
+    "slope-of-H": ("σ'(Z) = σ(Z)(1 - σ(Z)) = H (1 - H): you applied sigmoid_grad to H, which "
+                   "takes the derivative at σ(Z) instead of at Z."),
+    "no-slope": ("each delta needs the sigmoid's slope at its own layer: "
+                 "delta2 = (delta3 @ W3) * σ'(Z2), delta1 = (delta2 @ W2) * σ'(Z1)."),
+}
+
+
+@grader
+def check_two_layer_grads(fn: Callable[..., dict]) -> bool:
+    """Ch. 3, exercise 4: ``fn(params, X, y)`` returns the gradients of a two-hidden-layer MLP.
+
+    The network is ``Z1 = X W1ᵀ + b1, H1 = σ(Z1), Z2 = H1 W2ᵀ + b2, H2 = σ(Z2),
+    Z3 = H2 W3ᵀ + b3`` with the mean cross-entropy of ``Z3`` against ``y``. The answer is a
+    dict with the keys W1, b1, W2, b2, W3, b3, each of its parameter's shape. Checked
+    against autograd on several widths (equal and unequal) and batch sizes, in float64.
+    Autograd itself is not allowed.
+    """
+    rng = fresh_rng()
+    g = torch_generator(rng)
+    sizes = [(3, 4, 5, 2, 6), (5, 7, 3, 4, 1), (4, 6, 6, 3, 8),
+             (rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 6),
+              rng.randint(1, 16))]
+    for d_in, h1, h2, classes, batch in sizes:
+        shapes = {"W1": (h1, d_in), "b1": (h1,), "W2": (h2, h1), "b2": (h2,),
+                  "W3": (classes, h2), "b3": (classes,)}
+        params = {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
+        X = torch.randn(batch, d_in, generator=g, dtype=torch.float64)
+        y = torch.randint(0, classes, (batch,), generator=g)
+        where = f"the {d_in}-{h1}-{h2}-{classes} network on a batch of {batch}"
+        got = call(fn, {k: v.clone() for k, v in params.items()}, X.clone(), y.clone(),
+                   library=_AUTOGRAD_TWO,
+                   hint="run it on a small network and print each intermediate's shape.")
+        if not isinstance(got, dict) or any(k not in got for k in _TWO_LAYER_KEYS):
+            found = sorted(got) if isinstance(got, dict) else type(got).__name__
+            raise NotYet(f"{where}: expected a dict with the keys {list(_TWO_LAYER_KEYS)}, "
+                         f"got {found}.", "return one gradient per parameter, keyed by its name.")
+        expected = _autograd_two_layer(params, X, y)
+        for key in ("W3", "b3", "W2", "b2", "W1", "b1"):  # from the top, as the errors flow
+            value = _expect_tensor(got[key], shapes[key], f"{where}, gradient {key}",
+                                   "a parameter's gradient has the parameter's shape: "
+                                   "grad W = delta.T @ (the layer's input).")
+            if _close(value, expected[key], 1e-10, 1e-8):
+                continue
+            if value.dtype != torch.float64 and _close(value.double(), expected[key], 1e-4, 1e-4):
+                raise NotYet(f"{where}: gradient {key} is {value.dtype}, not float64.",
+                             "the inputs are float64: keep every intermediate in their dtype "
+                             "(no torch.tensor(...) or .float() on the way).")
+            for slip, hint in _TWO_LAYER_SLIPS.items():
+                if _close(value, _two_layer_reference(params, X, y, slip)[key], 1e-10, 1e-8):
+                    raise NotYet(f"{where}: gradient {key} is wrong.", hint)
+            if key in ("W1", "b1", "W2", "b2"):
+                above = {"W2": "W3", "b2": "W3", "W1": "W2", "b1": "W2"}[key]
+                hint = (f"the layers above are right; the delta of this layer is the delta "
+                        f"above times {above}, times σ'(Z) of this layer: "
+                        "delta_l = (delta_(l+1) @ W_(l+1)) * H_l * (1 - H_l).")
+            else:
+                hint = ("the output delta is (softmax(Z3) - onehot(y)) / batch; "
+                        "grad W3 = delta3.T @ H2 and grad b3 = delta3.sum(0).")
+            raise NotYet(f"{where}: gradient {key} is wrong.", hint)
+    return _report(True, "all six gradients match autograd for every network and batch.")
+
+
+# --------------------------------------------------------------------------- He init
+@grader
+def check_he_std(answer: object) -> bool:
+    """Ch. 3, exercise 5: the standard deviation of He (Kaiming) normal initialisation for
+    the weight of ``nn.Linear(512, 128)`` followed by ReLU."""
+    fan_in, fan_out = 512, 128
+    return _grade_number(
+        "He std", answer, math.sqrt(2 / fan_in),
+        {2 / fan_in: "that is the variance 2 / fan_in; the standard deviation is its square root.",
+         math.sqrt(1 / fan_in): "ReLU zeroes half of its inputs: the variance is 2 / fan_in, "
+                                "not 1 / fan_in.",
+         math.sqrt(2 / fan_out): "kaiming_normal_ uses fan_in by default: the weight of "
+                                 "nn.Linear(512, 128) has 512 inputs.",
+         math.sqrt(2 / (fan_in + fan_out)): "that is Xavier's normal std, "
+                                            "sqrt(2 / (fan_in + fan_out)); He uses fan_in only.",
+         math.sqrt(6 / fan_in): "that is the bound of He *uniform*, sqrt(6 / fan_in); the normal "
+                                "version's standard deviation is sqrt(2 / fan_in).",
+         math.sqrt(6 / (fan_in + fan_out)): "that is Xavier's uniform bound; He normal has "
+                                            "std sqrt(2 / fan_in)."},
+    )
+
+
+# --------------------------------------------------------------------------- inverted dropout
+def _dropout_slips(x: torch.Tensor, keep: torch.Tensor, p: float,
+                   training: bool) -> dict[str, torch.Tensor]:
+    kept = keep.to(x.dtype)
+    if not training:
+        return {"in eval mode dropout is the identity: return x unchanged (inverted dropout "
+                "already did its scaling during training).": x / (1 - p),
+                "in eval mode nothing is dropped: return x itself, without the mask.":
+                x * kept / (1 - p)}
+    return {"scale the kept elements by 1 / (1 - p), so that the expected output equals x.":
+            x * kept,
+            "p is the probability of *dropping*: divide by the keeping probability 1 - p, "
+            "not by p.": x * kept / p,
+            "multiplying by (1 - p) is the old convention of scaling at test time; inverted "
+            "dropout divides by (1 - p) during training.": x * kept * (1 - p),
+            "keep marks the elements that *survive*: multiply by keep, not by its opposite.":
+            x * (1 - kept) / (1 - p)}
+
+
+@grader
+def check_inverted_dropout(fn: Callable[..., torch.Tensor]) -> bool:
+    """Ch. 3, exercise 6: ``fn(x, keep, p, training)`` applies inverted dropout with a given mask.
+
+    ``keep`` is a boolean tensor of x's shape, True where the element survives. In
+    training the answer is ``x * keep / (1 - p)``; in eval mode it is ``x``. Checked for
+    several p, shapes and dtypes; ``x`` must not be modified in place.
+    """
+    rng = fresh_rng()
+    g = torch_generator(rng)
+    cases = [(0.5, (4, 6), torch.float64, True), (0.2, (3, 5), torch.float32, True),
+             (0.8, (10,), torch.float64, True), (0.5, (4, 6), torch.float64, False),
+             (0.3, (2, 3, 4), torch.float32, False), (0.0, (5,), torch.float64, True),
+             (rng.choice([0.1, 0.25, 0.4, 0.6]), (rng.randint(1, 8), rng.randint(1, 8)),
+              torch.float64, rng.random() < 0.7)]
+    for p, shape, dtype, training in cases:
+        x = torch.randn(shape, generator=g, dtype=dtype) + 2.0  # no zeros, mostly positive
+        keep = torch.rand(shape, generator=g) >= p
+        where = f"p = {p}, training = {training}, x of shape {shape} ({dtype})"
+        before = x.clone()
+        got = call(fn, x, keep.clone(), p, training,
+                   hint="x * keep works directly: True counts as 1 and False as 0.")
+        if not torch.equal(x, before):
+            raise NotYet(f"{where}: your function changed x in place.",
+                         "compute a new tensor (x * keep / (1 - p)) instead of writing into x.")
+        got = _expect_tensor(got, shape, where, "return a tensor of x's shape.")
+        expected = x * keep.to(dtype) / (1 - p) if training else x
+        if got.dtype != dtype and _close(got, expected, 1e-5, 1e-5):
+            raise NotYet(f"{where}: got a {got.dtype} tensor.", f"keep x's dtype ({dtype}).")
+        tol = 1e-12 if dtype == torch.float64 else 1e-6
+        if _close(got, expected, tol, tol):
+            continue
+        for hint, value in _dropout_slips(x, keep, p, training).items():
+            if _close(got, value, tol, tol):
+                raise NotYet(f"{where}: wrong output.", hint)
+        raise NotYet(f"{where}: wrong output.",
+                     "in training return x * keep / (1 - p); in eval mode return x.")
+    return _report(True, "inverted dropout: kept values scaled by 1/(1 - p), identity in eval, "
+                         "so the expected output is x.")
