@@ -1,10 +1,12 @@
-"""Chapter 4 graders: convolution arithmetic and a convolution from scratch."""
+"""Chapter 4 graders: convolution arithmetic, a convolution from scratch, batch norm in
+evaluation mode and the parameters of a depthwise-separable layer."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from aimodels import cnn
@@ -23,7 +25,13 @@ from ._common import (
     torch_generator,
 )
 
-__all__ = ["check_conv2d", "check_conv_output_size", "check_receptive_field"]
+__all__ = [
+    "check_batchnorm_eval",
+    "check_conv2d",
+    "check_conv_output_size",
+    "check_receptive_field",
+    "check_separable_parameters",
+]
 
 _CONVOLUTIONS = {name: f"F.{name}" for name in (
     "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
@@ -169,3 +177,153 @@ def check_conv2d(fn: Callable[..., torch.Tensor]) -> bool:
         raise NotYet(f"values differ for {where}.", hint)
     return _report(True, "your convolution matches F.conv2d for square and non-square "
                          "shapes, stride and padding included.")
+
+
+# --------------------------------------------------------------------------- depthwise separable
+_SEPARABLE_LIBRARY = Library(
+    task="the exercise asks you to derive the formula",
+    hint="count the weights of the two steps: one k x k filter per input channel, then a "
+         "1 x 1 convolution from C_in to C_out channels.",
+    python=((cnn.conv_costs, "aimodels.cnn.conv_costs"),
+            (cnn.DepthwiseSeparableConv2d, "aimodels.cnn.DepthwiseSeparableConv2d"),
+            (nn.Conv2d, "nn.Conv2d")),
+)
+
+_SEPARABLE_SLIPS: dict[str, Callable[[int, int, int], int]] = {
+    "that is a standard convolution, C_in * C_out * k * k: the separable layer splits it "
+    "into a depthwise and a pointwise step.": lambda c, o, k: c * o * k * k,
+    "each depthwise filter sees one channel only, so it has k * k weights, not C_in * k * k.":
+        lambda c, o, k: c * c * k * k + c * o,
+    "add the depthwise step: one k x k filter per input channel, C_in * k * k.":
+        lambda c, o, k: c * o,
+    "add the pointwise step: a 1 x 1 convolution from C_in to C_out channels, C_in * C_out.":
+        lambda c, o, k: c * k * k,
+    "a k x k filter has k * k = k**2 weights, not k.": lambda c, o, k: c * k + c * o,
+    "the pointwise convolution is 1 x 1: C_in * C_out weights, without k * k.":
+        lambda c, o, k: c * k * k + c * o * k * k,
+    "the layer has no biases in this exercise: count the weights only.":
+        lambda c, o, k: c * k * k + c + c * o + o,
+    "the depthwise step keeps C_in channels: its k x k filters number C_in, not C_out.":
+        lambda c, o, k: o * k * k + c * o,
+}
+
+
+@grader
+def check_separable_parameters(fn: Callable[[int, int, int], int]) -> bool:
+    """Ch. 4, exercise 5: ``fn(c_in, c_out, k)`` counts a depthwise-separable layer's weights.
+
+    A k×k depthwise convolution then a 1×1 pointwise one, no biases. Checked on fixed
+    cases and on random ones that change at every call.
+    """
+    rng = fresh_rng()
+    cases = [(32, 64, 3), (3, 16, 5), (128, 128, 3), (1, 1, 1), (16, 8, 7)]
+    cases += [(rng.randint(2, 300), rng.randint(2, 300), rng.choice((3, 5, 7))) for _ in range(5)]
+    for c_in, c_out, k in cases:
+        where = f"c_in={c_in}, c_out={c_out}, k={k}"
+        got = _whole_number(where, call(fn, c_in, c_out, k, library=_SEPARABLE_LIBRARY))
+        expected = c_in * k * k + c_in * c_out
+        if got == expected:
+            continue
+        # a slip must explain this case and a probe where every term differs: 6, 10, 3
+        probe = _whole_number("c_in=6, c_out=10, k=3",
+                              call(fn, 6, 10, 3, library=_SEPARABLE_LIBRARY))
+        hint = next((h for h, slip in _SEPARABLE_SLIPS.items()
+                     if slip(c_in, c_out, k) == got and slip(6, 10, 3) == probe),
+                    "add the depthwise weights (C_in * k * k) and the pointwise ones "
+                    "(C_in * C_out).")
+        raise NotYet(f"{where}: got {got}, expected {expected}.", hint)
+    return _report(True, f"all {len(cases)} cases right: C_in * k**2 + C_in * C_out, "
+                         "against C_in * C_out * k**2 for a standard convolution.")
+
+
+# --------------------------------------------------------------------------- batch norm
+_BATCHNORM_LIBRARY = Library(
+    task="the exercise asks you to write the formula",
+    hint="subtract running_mean, divide by sqrt(running_var + eps), then scale by weight and "
+         "add bias, each vector reshaped to [1, C, 1, 1].",
+    torch={"batch_norm": "F.batch_norm", "native_batch_norm": "torch.native_batch_norm",
+           "_native_batch_norm_legit_no_training": "F.batch_norm",
+           "instance_norm": "F.instance_norm", "group_norm": "F.group_norm",
+           "layer_norm": "F.layer_norm"},
+    python=((cnn.BatchNorm2d, "aimodels.cnn.BatchNorm2d"), (nn.BatchNorm2d, "nn.BatchNorm2d")),
+)
+
+
+def _bn_eval_cases(rng) -> list[tuple]:  # noqa: ANN001
+    """(shape, eps, smallest running variance, dtype): W differs from C in the first case,
+    so vectors broadcast along the wrong axis fail loudly; small variances make eps count."""
+    f64, f32 = torch.float64, torch.float32
+    cases = [((2, 3, 4, 5), 1e-5, 1e-4, f64), ((4, 2, 3, 3), 1e-3, 1e-3, f64),
+             ((1, 4, 2, 3), 1e-5, 0.5, f32), ((3, 5, 5, 5), 1e-5, 1e-4, f64)]
+    for dtype in (f64, f32):
+        cases.append(((rng.randint(1, 4), rng.randint(2, 6), rng.randint(1, 6),
+                       rng.randint(1, 6)), rng.choice((1e-5, 1e-3)), 1e-3, dtype))
+    return cases
+
+
+def _bn_reference(x, mean, var, weight, bias, eps):  # noqa: ANN001, ANN202
+    mean, var, weight, bias = (t.view(1, -1, 1, 1) for t in (mean, var, weight, bias))
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+@grader
+def check_batchnorm_eval(fn: Callable[..., torch.Tensor]) -> bool:
+    """Ch. 4, exercise 6: ``fn(x, running_mean, running_var, weight, bias, eps)`` is batch
+    norm in evaluation mode for ``x`` of shape ``[N, C, H, W]``.
+
+    Checked against ``F.batch_norm(..., training=False)`` with random statistics, some
+    variances small enough that ``eps`` matters; ``F.batch_norm`` and the batch-norm
+    modules are not allowed.
+    """
+    rng = fresh_rng()
+    g = torch_generator(rng)
+    for shape, eps, smallest, dtype in _bn_eval_cases(rng):
+        c = shape[1]
+        x = 3.0 + 2.0 * torch.randn(shape, generator=g, dtype=dtype)
+        mean = torch.randn(c, generator=g, dtype=dtype)
+        var = smallest + torch.rand(c, generator=g, dtype=dtype) * 4.0
+        var[0] = smallest
+        weight = 0.5 + torch.rand(c, generator=g, dtype=dtype)
+        bias = torch.randn(c, generator=g, dtype=dtype)
+        expected = F.batch_norm(x, mean, var, weight, bias, training=False, eps=eps)
+        where = f"x {tuple(shape)}, eps={eps}, {dtype}"
+        inputs = [t.clone() for t in (x, mean, var, weight, bias)]
+        got = call(fn, *inputs, eps, library=_BATCHNORM_LIBRARY,
+                   hint="reshape each per-channel vector to [1, C, 1, 1] (.view(1, -1, 1, 1)) "
+                        "so that it lines up with the channel axis of x.")
+        got = _expect_tensor(got, shape, where, "return a tensor of the same shape as x.")
+        for before, after in zip((x, mean, var, weight, bias), inputs, strict=True):
+            if not torch.equal(before, after):
+                raise NotYet(f"{where}: your function changed one of its inputs in place.",
+                             "compute a new tensor; in evaluation mode nothing is updated.")
+        tol = 1e-9 if dtype == torch.float64 else 1e-4
+        if _close(got, expected, tol, tol):
+            continue
+        x_mean = x.mean(dim=(0, 2, 3))
+        x_var = x.var(dim=(0, 2, 3), correction=0)
+        slips = [
+            (_bn_reference(x, x_mean, x_var, weight, bias, eps),
+             "in evaluation mode, use the running statistics, not the batch's own mean and "
+             "variance: each image's output must not depend on the rest of the batch."),
+            ((x - mean.view(1, -1, 1, 1)) / (var.view(1, -1, 1, 1) + eps)
+             * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1),
+             "divide by the standard deviation sqrt(running_var + eps), not by the variance."),
+            (_bn_reference(x, mean, var, weight, bias, 0.0),
+             "add eps inside the square root: sqrt(running_var + eps)."),
+            ((x - mean.view(1, -1, 1, 1)) / (var.view(1, -1, 1, 1).sqrt() + eps)
+             * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1),
+             "eps goes inside the square root: sqrt(running_var + eps), not sqrt(var) + eps."),
+            (_bn_reference(x, mean, var, torch.ones_like(weight), torch.zeros_like(bias), eps),
+             "finish with the affine step: multiply by weight (gamma), then add bias (beta)."),
+            (_bn_reference(x, mean, var, bias, weight, eps),
+             "weight (gamma) scales and bias (beta) shifts: you swapped them."),
+            ((x - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + eps)
+             * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1) * weight.view(1, -1, 1, 1),
+             "add bias after scaling: gamma * x_hat + beta, not gamma * (x_hat + beta)."),
+        ]
+        hint = next((h for slip, h in slips if _close(got, slip, tol, tol)),
+                    "y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, per "
+                    "channel.")
+        raise NotYet(f"values differ for {where}.", hint)
+    return _report(True, "your batch norm matches F.batch_norm in evaluation mode, eps and "
+                         "the affine step included.")
