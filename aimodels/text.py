@@ -208,3 +208,98 @@ def pad_batch(
         batch[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
     mask = torch.arange(longest)[None, :] < torch.tensor([len(s) for s in sequences])[:, None]
     return batch, mask
+
+
+# --------------------------------------------------------------------------- BLEU
+import math  # noqa: E402  (appended section: the line numbers above stay as displayed)
+from dataclasses import dataclass  # noqa: E402
+
+Tokens = Sequence[str]
+
+
+@dataclass(frozen=True)
+class BleuStats:
+    """The pieces of corpus BLEU: clipped n-gram matches and totals, lengths, the score."""
+
+    matches: tuple[int, ...]  # clipped matching n-grams, n = 1..max_order, summed over the corpus
+    totals: tuple[int, ...]  # n-grams in the hypotheses, n = 1..max_order
+    hyp_len: int  # c: tokens in all hypotheses
+    ref_len: int  # r: the closest reference length of each sentence, summed
+    precisions: tuple[float, ...]  # p_n = matches / totals (0 when totals is 0)
+    brevity_penalty: float  # 1 if c >= r, else exp(1 - r / c) (0 if c == 0)
+    score: float  # 100 * BP * exp(mean_n log p_n); 0 when any p_n is 0
+
+
+def ngram_counts(tokens: Tokens, n: int) -> Counter[tuple[str, ...]]:
+    """How often each run of ``n`` consecutive tokens occurs in ``tokens``."""
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def _reference_list(refs: object, i: int) -> list[Tokens]:
+    """One reference (a token list) or several (a list of token lists), as a list."""
+    if isinstance(refs, str) or not isinstance(refs, Sequence):
+        raise TypeError(f"references[{i}] must be a list of tokens (or a list of such lists), "
+                        f"got {type(refs).__name__}; split text first, e.g. list(s) or s.split()")
+    if len(refs) > 0 and all(isinstance(r, Sequence) and not isinstance(r, str) for r in refs):
+        return list(refs)  # several references
+    return [refs]  # type: ignore[list-item]
+
+
+def bleu_statistics(hypotheses: Sequence[Tokens], references: Sequence[Tokens | Sequence[Tokens]],
+                    max_order: int = 4) -> BleuStats:
+    r"""Corpus BLEU (Papineni et al., 2002) with all its intermediate numbers.
+
+    For each n = 1..``max_order``, the clipped precision :math:`p_n` counts each
+    hypothesis n-gram at most as often as it occurs in a reference (the most in any one
+    reference), summed over the corpus, divided by the number of hypothesis n-grams. With
+    :math:`c` the hypothesis length and :math:`r` the reference length closest to it (ties
+    to the shorter, as sacreBLEU), both summed over the corpus,
+
+    .. math:: \text{BLEU} = 100 \cdot BP \cdot \exp\Big(\frac{1}{N}\sum_{n=1}^{N} \log p_n\Big),
+              \quad BP = \min\big(1, e^{1 - r/c}\big).
+
+    No smoothing: the score is 0 when some :math:`p_n` is 0. Equals
+    ``sacrebleu.corpus_bleu`` with ``tokenize="none", smooth_method="none"`` on the
+    tokens joined by spaces.
+    """
+    if len(hypotheses) != len(references):
+        raise ValueError(f"need one reference entry per hypothesis, got {len(hypotheses)} "
+                         f"hypotheses and {len(references)} references")
+    if not isinstance(max_order, int) or max_order < 1:
+        raise ValueError(f"max_order must be an int >= 1, got {max_order!r}")
+    matches, totals = [0] * max_order, [0] * max_order
+    hyp_len = ref_len = 0
+    for i, (hyp, refs) in enumerate(zip(hypotheses, references, strict=True)):
+        if isinstance(hyp, str) or not isinstance(hyp, Sequence):
+            raise TypeError(f"hypotheses[{i}] must be a list of tokens, got "
+                            f"{type(hyp).__name__}; split text first, e.g. list(s) or s.split()")
+        ref_lists = _reference_list(refs, i)
+        hyp_len += len(hyp)
+        ref_len += min((abs(len(r) - len(hyp)), len(r)) for r in ref_lists)[1]
+        for n in range(1, max_order + 1):
+            hyp_counts = ngram_counts(hyp, n)
+            most = Counter()
+            for r in ref_lists:
+                most |= ngram_counts(r, n)  # elementwise max over the references
+            matches[n - 1] += sum(min(k, most[g]) for g, k in hyp_counts.items())
+            totals[n - 1] += sum(hyp_counts.values())
+    precisions = tuple(m / t if t else 0.0 for m, t in zip(matches, totals, strict=True))
+    if hyp_len >= ref_len:
+        bp = 1.0
+    else:
+        bp = math.exp(1 - ref_len / hyp_len) if hyp_len > 0 else 0.0
+    if min(precisions) == 0.0:
+        score = 0.0
+    else:
+        score = 100 * bp * math.exp(sum(math.log(p) for p in precisions) / max_order)
+    return BleuStats(tuple(matches), tuple(totals), hyp_len, ref_len, precisions, bp, score)
+
+
+def corpus_bleu(hypotheses: Sequence[Tokens], references: Sequence[Tokens | Sequence[Tokens]],
+                max_order: int = 4) -> float:
+    """Corpus BLEU on 0..100 of tokenised ``hypotheses`` against ``references``.
+
+    ``references[i]`` is the token list of sentence ``i``'s reference, or a list of
+    several token lists. See :func:`bleu_statistics` for the formula.
+    """
+    return bleu_statistics(hypotheses, references, max_order).score

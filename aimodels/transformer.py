@@ -4,8 +4,8 @@
 submodule names of ``nn.TransformerEncoderLayer`` and ``nn.TransformerDecoderLayer``
 (``norm_first=True, batch_first=True``, ReLU), so weights copy over with
 ``load_state_dict``; ``tests/test_transformer.py`` checks that the outputs match.
-:class:`Seq2SeqTransformer` assembles them into an encoder-decoder model with greedy
-decoding.
+:class:`Seq2SeqTransformer` assembles them into an encoder-decoder model; it decodes
+greedily, and :func:`beam_search` (Chapter 8) keeps the k most probable prefixes.
 """
 
 from __future__ import annotations
@@ -250,3 +250,121 @@ class EncoderTagger(nn.Module):
             maps.append(block.self_attn(h, h, h, need_weights=True)[1])
             x = block(x)
         return maps
+
+
+# --------------------------------------------------------------------------- beam search
+from typing import NamedTuple  # noqa: E402  (appended section: earlier line numbers stay)
+
+
+class Hypothesis(NamedTuple):
+    """One translation found by :func:`beam_search`.
+
+    ``tokens`` are the generated ids without the leading <bos>, ending with <eos> when
+    ``finished``; ``log_prob`` is :math:`\\sum_t \\log p(y_t \\mid y_{<t}, x)` over them;
+    ``score`` is ``log_prob / gnmt_length_penalty(len(tokens), alpha)``, the rank key.
+    """
+
+    tokens: list[int]
+    log_prob: float
+    score: float
+    finished: bool
+
+
+def gnmt_length_penalty(length: int, alpha: float) -> float:
+    r"""Wu et al. (2016)'s length penalty :math:`lp(Y) = \left(\frac{5 + |Y|}{5 + 1}\right)^\alpha`.
+
+    ``alpha = 0`` gives 1 (rank by the plain sum of log-probabilities); ``alpha = 1`` is
+    close to dividing by the length, i.e. ranking by the average log-probability per token.
+    """
+    if length < 0 or alpha < 0:
+        raise ValueError(f"length and alpha must be >= 0, got length={length}, alpha={alpha}")
+    return ((5 + length) / 6) ** alpha
+
+
+def _single_source(src: Tensor) -> Tensor:
+    if src.dim() == 1:
+        src = src[None]
+    if src.dim() != 2 or src.shape[0] != 1:
+        raise ValueError(f"expected one source sentence, shape [S] or [1, S], got "
+                         f"{tuple(src.shape)}; call it once per sentence")
+    if src.dtype != torch.long:
+        raise TypeError(f"src must hold token ids (torch.long), got {src.dtype}")
+    return src
+
+
+@torch.no_grad()
+def beam_search(model: Seq2SeqTransformer, src: Tensor, bos_id: int, eos_id: int,
+                beam_size: int = 4, max_len: int = 32,
+                length_penalty: float = 0.0) -> list[Hypothesis]:
+    r"""Translate one sentence by beam search; returns the finished hypotheses, best first.
+
+    The beam holds the ``beam_size`` most probable prefixes (sum of token log-probabilities).
+    Each step extends every prefix by every token and keeps the ``beam_size`` best of all
+    extensions; an extension that ends in <eos> leaves the beam for the finished list.
+    The search stops when the beam is empty, after ``max_len`` tokens, or, when
+    ``length_penalty == 0``, as soon as the best finished hypothesis scores at least the
+    best open prefix: extending a prefix only adds log-probabilities :math:`\le 0`, so none
+    can overtake it. Finished hypotheses are ranked by
+    :math:`\log P(Y \mid X) / lp(Y)` with :func:`gnmt_length_penalty` (``alpha =
+    length_penalty``; :math:`|Y|` counts the <eos>). If none finished within ``max_len``
+    tokens, the open ones are returned instead, with ``finished=False``. ``beam_size=1`` is
+    greedy decoding.
+    """
+    if not isinstance(beam_size, int) or beam_size < 1:
+        raise ValueError(f"beam_size must be an int >= 1, got {beam_size!r}")
+    if not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f"max_len must be an int >= 1, got {max_len!r}")
+    src = _single_source(src)
+    was_training = model.training
+    model.eval()
+    memory, padding = model.encode(src)
+    prefixes = torch.full((1, 1), bos_id, dtype=torch.long, device=src.device)
+    prefix_log_probs = torch.zeros(1, device=src.device)
+    finished: list[Hypothesis] = []
+
+    def hypothesis(row: int, log_prob: float, done: bool) -> Hypothesis:
+        tokens = prefixes[row, 1:].tolist()
+        return Hypothesis(tokens, log_prob,
+                          log_prob / gnmt_length_penalty(len(tokens), length_penalty), done)
+
+    for _ in range(max_len):
+        k = prefixes.shape[0]
+        logits = model.decode(prefixes, memory.expand(k, -1, -1), padding.expand(k, -1))
+        log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1)  # [k, V]
+        vocab = log_probs.shape[-1]
+        candidates = (prefix_log_probs[:, None] + log_probs).flatten()
+        best, index = candidates.topk(min(beam_size, candidates.numel()))
+        rows, tokens = index // vocab, index % vocab
+        prefixes = torch.cat([prefixes[rows], tokens[:, None]], dim=1)
+        ended = tokens == eos_id
+        finished += [hypothesis(int(i), float(best[i]), True) for i in ended.nonzero().flatten()]
+        prefixes, prefix_log_probs = prefixes[~ended], best[~ended]
+        if prefixes.shape[0] == 0:
+            break
+        if length_penalty == 0 and finished and \
+                max(h.log_prob for h in finished) >= float(prefix_log_probs.max()):
+            break
+    if not finished:  # nothing reached <eos>: return the open prefixes
+        finished = [hypothesis(i, float(lp), False) for i, lp in enumerate(prefix_log_probs)]
+    model.train(was_training)
+    return sorted(finished, key=lambda h: h.score, reverse=True)
+
+
+@torch.no_grad()
+def sequence_log_prob(model: Seq2SeqTransformer, src: Tensor, tokens: list[int],
+                      bos_id: int) -> float:
+    r"""Teacher-forced :math:`\log P(y_1..y_T \mid x) = \sum_t \log p(y_t \mid y_{<t}, x)`.
+
+    One forward pass reads ``<bos> y_1 .. y_{T-1}`` and scores every token at once: the
+    number beam search and greedy decoding accumulate one step at a time.
+    """
+    src = _single_source(src)
+    if len(tokens) == 0:
+        return 0.0
+    was_training = model.training
+    model.eval()
+    target = torch.tensor(tokens, dtype=torch.long, device=src.device)
+    tgt_in = torch.cat([torch.tensor([bos_id], device=src.device), target[:-1]])[None]
+    log_probs = torch.log_softmax(model(src, tgt_in)[0].float(), dim=-1)
+    model.train(was_training)
+    return float(log_probs[torch.arange(len(tokens)), target].sum())

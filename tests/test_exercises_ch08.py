@@ -137,6 +137,82 @@ def zh_bai_shi(n):  # 一百十 for 110
     return zh(n).replace("百一十", "百十")
 
 
+# exercise 4: translators stand in for trained models (a lookup table is a perfect one)
+TABLE = {data.english_number(n): data.chinese_number(n) for n in range(1, 1000)}
+
+
+def perfect(english):
+    return [TABLE[e] for e in english]
+
+
+def full_range_model(english):  # about what the chapter's solution reaches: 1..99 partly
+    return [TABLE[e] if " " in e or "-" in e and len(e) % 3 else "三" for e in english]
+
+
+def trained_on_hundreds_only(english):  # the chapter's first model: 1..99 all wrong
+    return [TABLE[e] if "hundred" in e else "一百" + TABLE[e] for e in english]
+
+
+def undertrained(english):
+    return [TABLE[e][:-1] if i % 4 == 0 else TABLE[e] for i, e in enumerate(english)]
+
+
+def character_lists(english):
+    return [list(TABLE[e]) for e in english]
+
+
+def with_eos(english):
+    return [TABLE[e] + "<eos>" for e in english]
+
+
+def with_spaces(english):
+    return [" ".join(TABLE[e]) for e in english]
+
+
+def uses_the_rules(english):
+    numbers = {data.english_number(n): n for n in range(1, 1000)}
+    return [data.chinese_number(numbers[e]) for e in english]
+
+
+# exercise 5: clipped n-gram counts
+def clipped(hyp, refs, n):  # the notebook's solution
+    grams = lambda tokens: Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))  # noqa: E731
+    limit = Counter()
+    for ref in refs:
+        limit |= grams(ref)
+    counts = grams(hyp)
+    return sum(min(k, limit[g]) for g, k in counts.items()), sum(counts.values())
+
+
+def unclipped(hyp, refs, n):
+    grams = lambda tokens: [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]  # noqa: E731
+    ref_grams = {g for r in refs for g in grams(r)}
+    return sum(g in ref_grams for g in grams(hyp)), len(grams(hyp))
+
+
+def clipped_by_sum(hyp, refs, n):
+    grams = lambda tokens: Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))  # noqa: E731
+    limit = sum((grams(r) for r in refs), Counter())
+    counts = grams(hyp)
+    return sum(min(k, limit[g]) for g, k in counts.items()), sum(counts.values())
+
+
+def distinct_only(hyp, refs, n):
+    grams = lambda tokens: {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}  # noqa: E731
+    ref_grams = set().union(*(grams(r) for r in refs))
+    return len(grams(hyp) & ref_grams), len(grams(hyp))
+
+
+def total_off_by_one(hyp, refs, n):
+    matches, total = clipped(hyp, refs, n)
+    return matches, len(hyp) - n
+
+
+def uses_bleu_statistics(hyp, refs, n):
+    stats = text.bleu_statistics([hyp], [refs], max_order=n)
+    return stats.matches[-1], stats.totals[-1]
+
+
 WRONG = [
     wrong(ex.check_pad_batch, pad_left, expect=["on the right"], id="pad-left"),
     wrong(ex.check_pad_batch, mask_from_ids, expect=["a real token can equal pad_id"], id="pad-mask-from-ids"),
@@ -160,6 +236,20 @@ WRONG = [
     wrong(ex.check_chinese_number, lambda n: zh(n).replace("二百", "两百"), expect=["n=200"], id="zh-liang"),
     wrong(ex.check_chinese_number, lambda n: n, expect=["string"], id="zh-returns-int"),
     wrong(ex.check_chinese_number, data.chinese_number, expect=["calls aimodels.data.chinese_number"], id="zh-book-function"),
+    wrong(ch08.check_full_range, trained_on_hundreds_only, expect=["0.0% on 1..99", "low=1"], id="range-hundreds-only"),
+    wrong(ch08.check_full_range, undertrained, expect=["on 100..999", "30 epochs"], id="range-undertrained"),
+    wrong(ch08.check_full_range, character_lists, expect=["join the characters"], id="range-char-lists"),
+    wrong(ch08.check_full_range, with_eos, expect=["special token"], id="range-eos"),
+    wrong(ch08.check_full_range, with_spaces, expect=["no spaces"], id="range-spaces"),
+    wrong(ch08.check_full_range, lambda english: perfect(english)[:-1], expect=["got 199 items"], id="range-one-missing"),
+    wrong(ch08.check_full_range, lambda english: "".join(perfect(english)), expect=["a list of 200"], id="range-one-string"),
+    wrong(ch08.check_full_range, uses_the_rules, expect=["calls aimodels.data.chinese_number", "model you trained"], id="range-rules"),
+    wrong(ch08.check_clipped_precision, unclipped, expect=["2/7"], id="clip-none"),
+    wrong(ch08.check_clipped_precision, clipped_by_sum, expect=["*one* reference"], id="clip-sum"),
+    wrong(ch08.check_clipped_precision, distinct_only, expect=["every occurrence"], id="clip-distinct"),
+    wrong(ch08.check_clipped_precision, total_off_by_one, expect=["len(hypothesis) - n + 1"], id="clip-total"),
+    wrong(ch08.check_clipped_precision, lambda hyp, refs, n: clipped(hyp, refs, n)[0], expect=["a pair"], id="clip-no-total"),
+    wrong(ch08.check_clipped_precision, uses_bleu_statistics, expect=["calls aimodels.text.bleu_statistics"], id="clip-book-function"),
 ]
 
 
@@ -170,6 +260,10 @@ def test_right_answers_pass(capsys):
         accepts(capsys, ex.check_pad_batch, pad_lists)
         accepts(capsys, ex.check_bpe_merge, merge)
         accepts(capsys, ex.check_bpe_merge, lambda ids, pair, new_id: tuple(merge(ids, pair, new_id)))
+        accepts(capsys, ch08.check_clipped_precision, clipped)
+        accepts(capsys, ch08.check_clipped_precision, lambda h, r, n: list(clipped(h, r, n)))
+    accepts(capsys, ch08.check_full_range, perfect)
+    accepts(capsys, ch08.check_full_range, full_range_model)
 
 
 @pytest.mark.parametrize(("check", "args", "expect"), WRONG)
@@ -177,7 +271,8 @@ def test_wrong_answers_are_rejected(capsys, check, args, expect):
     rejects(capsys, check, *args, expect=expect)
 
 
-@pytest.mark.parametrize("check", [ex.check_pad_batch, ex.check_bpe_merge, ex.check_chinese_number])
+@pytest.mark.parametrize("check", [ex.check_pad_batch, ex.check_bpe_merge, ex.check_chinese_number,
+                                   ch08.check_full_range, ch08.check_clipped_precision])
 def test_function_stubs_and_errors_get_not_yet(capsys, check):
     rejects(capsys, check, stub, expect=["not written yet", "write your solution first"])
     rejects(capsys, check, broken, expect=["raised TypeError: unsupported operand"])

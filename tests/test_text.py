@@ -1,5 +1,7 @@
 """Chapter 8: tokenizers, BPE, vocabulary, padding and the number-words data."""
 
+import math
+
 import pytest
 import torch
 
@@ -114,3 +116,87 @@ def test_pretokenize_covers_the_text_and_gpt2_split_matches_gpt2():
     gpt2 = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
     for s in (sample, "It's   3.14", "été ٣٤ 三百\t\n x"):
         assert text.GPT2_SPLIT.findall(s) == gpt2.findall(s)
+
+
+# --------------------------------------------------------------------------- BLEU
+def sacrebleu_score(hypotheses, references):
+    """sacreBLEU on pre-tokenised text: tokens joined by spaces, no tokenizer, no smoothing."""
+    sacrebleu = pytest.importorskip("sacrebleu")
+    streams = list(zip(*references, strict=True))  # one stream per reference position
+    return sacrebleu.corpus_bleu([" ".join(h) for h in hypotheses],
+                                 [[" ".join(r) for r in stream] for stream in streams],
+                                 tokenize="none", smooth_method="none", force=True)
+
+
+def random_corpus(rng, refs_per_sentence):
+    vocab = rng.choice([2, 3, 6, 20])
+    words = lambda: [f"w{rng.randrange(vocab)}" for _ in range(rng.randint(0, 14))]  # noqa: E731
+    sentences = rng.randint(1, 8)
+    return ([words() for _ in range(sentences)],
+            [[words() for _ in range(refs_per_sentence)] for _ in range(sentences)])
+
+
+@pytest.mark.parametrize("refs_per_sentence", [1, 3])
+def test_corpus_bleu_equals_sacrebleu_on_random_corpora(refs_per_sentence):
+    import random
+
+    rng = random.Random(refs_per_sentence)
+    positive = 0
+    for _ in range(300):
+        hyps, refs = random_corpus(rng, refs_per_sentence)
+        ours_refs = [r[0] for r in refs] if refs_per_sentence == 1 else refs
+        stats = text.bleu_statistics(hyps, ours_refs)
+        theirs = sacrebleu_score(hyps, refs)
+        assert abs(text.corpus_bleu(hyps, ours_refs) - theirs.score) <= 1e-9
+        assert list(stats.matches) == theirs.counts and list(stats.totals) == theirs.totals
+        assert (stats.hyp_len, stats.ref_len) == (theirs.sys_len, theirs.ref_len)
+        torch.testing.assert_close(stats.brevity_penalty, theirs.bp, rtol=1e-12, atol=1e-12)
+        positive += stats.score > 0
+    assert positive > 50  # most corpora have some 4-gram match, so scores are not all 0
+
+
+@pytest.mark.parametrize("hyps, refs, expected", [
+    ([["a", "b", "c", "d"]], [["a", "b", "c", "d"]], 100.0),  # identical
+    ([[]], [["a", "b"]], 0.0),  # empty hypothesis: c = 0
+    ([[], ["a", "b", "c", "d", "e"]], [["x"], ["a", "b", "c", "d", "e"]], None),  # one empty
+    ([["a", "b", "c"]], [["a", "b", "c"]], 0.0),  # no 4-grams at all: p_4 = 0/0
+    ([["a", "b", "c", "x", "d"]], [["a", "b", "c", "d", "e"]], 0.0),  # no 4-gram matches
+    ([["a", "b", "c", "d"]], [["a", "b", "c", "d", "e", "f", "g", "h"]], None),  # short: BP < 1
+    ([["a", "b", "c", "d", "a", "b", "c", "d"]], [["a", "b", "c", "d"]], None),  # long: BP = 1
+])
+def test_corpus_bleu_edge_cases(hyps, refs, expected):
+    ours = text.corpus_bleu(hyps, refs)
+    assert abs(ours - sacrebleu_score(hyps, [[r] for r in refs]).score) <= 1e-9
+    if expected is not None:
+        assert ours == expected
+
+
+def test_bleu_pieces_follow_papineni():
+    # Papineni et al. (2002), section 2.1: clipping gives the candidate "the the the the the
+    # the the" a modified unigram precision of 2/7 against these two references.
+    candidate = "the the the the the the the".split()
+    references = ["the cat is on the mat".split(), "there is a cat on the mat".split()]
+    stats = text.bleu_statistics([candidate], [references], max_order=1)
+    assert stats.precisions == (2 / 7,) and stats.ref_len == 7 and stats.brevity_penalty == 1.0
+    # brevity penalty exp(1 - r / c) with corpus totals, and the geometric mean of p_1..p_4
+    hyp, ref = "a b c d e f".split(), "a b c d e f g h i".split()
+    stats = text.bleu_statistics([hyp], [ref])
+    assert (stats.hyp_len, stats.ref_len) == (6, 9) and stats.precisions == (1.0,) * 4
+    assert stats.brevity_penalty == pytest.approx(math.exp(1 - 9 / 6))
+    assert stats.score == pytest.approx(100 * math.exp(-0.5))
+    hyp = "a b c d x a b".split()
+    stats = text.bleu_statistics([hyp], [ref])
+    assert stats.precisions == (4 / 7, 3 / 6, 2 / 5, 1 / 4)  # "a b" twice, clipped to once
+    mean_log = sum(math.log(p) for p in stats.precisions) / 4
+    assert stats.score == pytest.approx(100 * math.exp(1 - 9 / 7) * math.exp(mean_log))
+
+
+def test_bleu_checks_its_arguments():
+    with pytest.raises(ValueError, match="one reference entry per hypothesis, got 2"):
+        text.corpus_bleu([["a"], ["b"]], [["a"]])
+    with pytest.raises(TypeError, match=r"hypotheses\[0\] must be a list of tokens, got str"):
+        text.corpus_bleu(["a b"], [["a", "b"]])
+    with pytest.raises(TypeError, match=r"references\[0\] must be a list of tokens"):
+        text.corpus_bleu([["a"]], ["a b"])
+    with pytest.raises(ValueError, match="max_order must be an int >= 1"):
+        text.corpus_bleu([["a"]], [["a"]], max_order=0)

@@ -1,8 +1,10 @@
-"""Chapter 8 graders: the NLP pipeline (padding, BPE, rule-based translation)."""
+"""Chapter 8 graders: the NLP pipeline (padding, BPE, rule-based translation, a trained
+translator on the full range, BLEU's clipped precision)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.nn.utils import rnn as rnn_utils
@@ -11,7 +13,13 @@ from aimodels import data, text
 
 from ._common import Library, NotYet, _report, _shape, call, fresh_rng, grader
 
-__all__ = ["check_bpe_merge", "check_chinese_number", "check_pad_batch"]
+__all__ = [
+    "check_bpe_merge",
+    "check_chinese_number",
+    "check_clipped_precision",
+    "check_full_range",
+    "check_pad_batch",
+]
 
 _LIBRARY_PADDING = Library(
     task="the exercise asks you to write the padding yourself",
@@ -178,3 +186,140 @@ def check_chinese_number(fn: Callable[[int], str]) -> bool:
                     "(一百一十).")
         raise NotYet(f"n={n}: got {got!r}, expected {expected!r}.", hint)
     return _report(True, "all 999 numbers right: the rules the model had to learn.")
+
+
+# --------------------------------------------------------------------------- exercise 4
+_NO_RULES = Library(
+    task="the exercise asks you to translate with the model you trained",
+    hint="encode the English words with your source Vocab, call greedy_decode, and decode "
+         "the ids with your target Vocab.",
+    python=((data.chinese_number, "aimodels.data.chinese_number"),),
+)
+
+
+@grader
+def check_full_range(translate: Callable[[list[str]], list[str]]) -> bool:
+    """Ch. 8, exercise 4: ``translate(english)`` turns a list of English number words into
+    a list of Chinese numerals, with a model trained on 1..999.
+
+    Checked on the held-out numbers of ``data.number_translation_pairs(1, 999,
+    test_fraction=0.2, seed=0)``: at least 90% exact match on 100..999 and at least 40% on
+    1..99, where the chapter's model, trained on 100..999 only, gets none right.
+    """
+    test = data.number_translation_pairs(1, 999, test_fraction=0.2, seed=0)["test"]
+    english = [e for _, e, _ in test]
+    got = call(translate, list(english), library=_NO_RULES)
+    if isinstance(got, str) or not isinstance(got, Sequence) or len(got) != len(test):
+        size = f"{len(got)} items" if isinstance(got, Sequence) else _shape(got)
+        raise NotYet(f"for {len(test)} English inputs, expected a list of {len(test)} "
+                      f"translations, got {size}.",
+                      "return one Chinese string per input, in the same order.")
+    first = got[0]
+    if isinstance(first, Sequence) and not isinstance(first, str) and \
+            all(isinstance(c, str) for c in first):
+        raise NotYet(f"{english[0]!r} -> {list(first)!r}: a list of characters.",
+                     "join the characters into one string: \"\".join(chars).")
+    if not all(isinstance(p, str) for p in got):
+        raise NotYet(f"{english[0]!r} -> {first!r}: not a string.",
+                     "decode the ids with your target Vocab and join the characters.")
+    if any("<" in p for p in got):
+        bad = next(p for p in got if "<" in p)
+        raise NotYet(f"a translation contains a special token: {bad!r}.",
+                     "Vocab.decode stops at <eos> and drops <pad> and <bos> by default.")
+    if any(" " in p for p in got) and not any(" " in z for _, _, z in test):
+        raise NotYet(f"{english[0]!r} -> {first!r}: Chinese numerals have no spaces.",
+                     "join the characters with \"\", not \" \".")
+    right = [p == z for p, (_, _, z) in zip(got, test, strict=True)]
+    low = [ok for ok, (n, _, _) in zip(right, test, strict=True) if n < 100]
+    high = [ok for ok, (n, _, _) in zip(right, test, strict=True) if n >= 100]
+    low_acc, high_acc = sum(low) / len(low), sum(high) / len(high)
+    scores = f"held-out exact match {high_acc:.1%} on 100..999 and {low_acc:.1%} on 1..99"
+    if high_acc < 0.9:
+        raise NotYet(f"{scores}.",
+                     "the chapter's model reaches 100% on 100..999: train the same model for the "
+                     "same 30 epochs, with vocabularies built from the new training pairs.")
+    if low_acc < 0.4:
+        raise NotYet(f"{scores}.",
+                     "train on the full range, number_translation_pairs(low=1, ...): a model that "
+                     "never saw a number without 'hundred' cannot translate 1..99.")
+    return _report(True, f"{scores}; the model trained on 100..999 gets 0% on 1..99.")
+
+
+# --------------------------------------------------------------------------- exercise 5
+_NO_BLEU = Library(
+    task="the exercise asks you to count the n-grams yourself",
+    hint="Counter the hypothesis n-grams; clip each count by its largest count in one reference.",
+    python=((text.bleu_statistics, "aimodels.text.bleu_statistics"),
+            (text.corpus_bleu, "aimodels.text.corpus_bleu"),
+            (text.ngram_counts, "aimodels.text.ngram_counts")),
+)
+
+
+def _grams(tokens: Sequence[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def _clipped(hyp: Sequence[str], refs: Sequence[Sequence[str]], n: int, clip: str) -> tuple:
+    """Reference answer (``clip="max"``) and the slips a learner makes."""
+    counts = _grams(hyp, n)
+    per_ref = [_grams(r, n) for r in refs]
+    if clip == "max":
+        limit = Counter()
+        for c in per_ref:
+            limit |= c
+    elif clip == "sum":
+        limit = sum(per_ref, Counter())
+    elif clip == "none":
+        return sum(k for g, k in counts.items() if any(g in c for c in per_ref)), \
+            sum(counts.values())
+    else:  # "distinct": each n-gram type once
+        return sum(1 for g in counts if any(g in c for c in per_ref)), len(counts)
+    return sum(min(k, limit[g]) for g, k in counts.items()), sum(counts.values())
+
+
+@grader
+def check_clipped_precision(fn: Callable[[list[str], list[list[str]], int], tuple]) -> bool:
+    """Ch. 8, exercise 5: ``fn(hypothesis, references, n)`` returns BLEU's clipped n-gram
+    counts ``(matches, total)`` for one sentence, ``references`` being a list of token lists.
+
+    Checked on Papineni et al.'s "the the the ..." example, on empty and short inputs, and
+    on random sentences with one to three references.
+    """
+    rng = fresh_rng()
+    the7 = ["the"] * 7
+    papineni = [["the", "cat", "is", "on", "the", "mat"],
+                ["there", "is", "a", "cat", "on", "the", "mat"]]
+    cases = [(the7, papineni, 1), (the7, papineni, 2), ("a b a b a".split(), [["a", "b"]], 1),
+             ("a b a b".split(), [["a", "b"], ["a", "b"]], 2), ([], [["a"]], 1),
+             (["a", "b"], [["a", "b"]], 3), ("x y z".split(), [["a", "b", "c"]], 1)]
+    for _ in range(6):
+        words = lambda: [rng.choice("abc") for _ in range(rng.randint(0, 9))]  # noqa: E731
+        cases.append((words(), [words() for _ in range(rng.randint(1, 3))], rng.randint(1, 4)))
+    for hyp, refs, n in cases:
+        expected = _clipped(hyp, refs, n, "max")
+        where = f"hypothesis {' '.join(hyp)!r}, references {[' '.join(r) for r in refs]}, n={n}"
+        got = call(fn, list(hyp), [list(r) for r in refs], n, library=_NO_BLEU)
+        try:
+            got = tuple(int(x) for x in got)
+            assert len(got) == 2
+        except (TypeError, ValueError, AssertionError):
+            raise NotYet(f"{where}: expected a pair (matches, total), got {_shape(got)}.",
+                         "return two whole numbers: the clipped matches and the number of "
+                         "hypothesis n-grams.") from None
+        if got == expected:
+            continue
+        if got == _clipped(hyp, refs, n, "none"):
+            hint = ("clip: an n-gram counts at most as often as it occurs in a reference, so "
+                    "'the' x 7 scores 2/7, not 7/7.")
+        elif got == _clipped(hyp, refs, n, "sum"):
+            hint = ("clip by the largest count in any *one* reference, not the sum over the "
+                    "references.")
+        elif got == _clipped(hyp, refs, n, "distinct"):
+            hint = "count every occurrence of an n-gram, not each distinct n-gram once."
+        elif got[1] != expected[1]:
+            hint = ("the total is the number of n-grams in the hypothesis: len(hypothesis) - "
+                    "n + 1 (0 if shorter).")
+        else:
+            hint = "matches = sum over hypothesis n-grams of min(count, max count in a reference)."
+        raise NotYet(f"{where}: got {got}, expected {expected}.", hint)
+    return _report(True, f"clipped counts right on all {len(cases)} cases, 'the' x 7 included.")
