@@ -184,3 +184,78 @@ def test_tiled_attention_errors():
         attention.tiled_attention(q, torch.zeros(4, 8, dtype=torch.long), v)
     with pytest.raises(ValueError, match="expected v to be a floating-point tensor"):
         attention.tiled_attention(q, k, torch.zeros(8))
+
+
+# --------------------------------------------------------------------------- the decoder
+# tests/test_transformer.py already checks DecoderBlock's output against
+# nn.TransformerDecoderLayer; these tests add what Chapter 7 shows about the decoder.
+def _decoder_pair(seed=0):
+    from aimodels.transformer import DecoderBlock
+
+    torch.manual_seed(seed)
+    reference = nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, norm_first=True, batch_first=True)
+    ours = DecoderBlock(16, 4, 32, dropout=0.0)
+    with torch.no_grad():  # LayerNorms that are not the identity, so that their place matters
+        for name, p in reference.named_parameters():
+            if name.startswith("norm"):
+                p.add_(0.3 * torch.randn_like(p))
+    ours.load_state_dict(reference.state_dict())
+    return ours, reference
+
+
+def test_cross_attention_heads_match_pytorch():
+    """Queries from the decoder [B, T_dec, d], keys and values from the encoder [B, T_enc, d]:
+    per-head weights [B, h, T_dec, T_enc] equal nn.MultiheadAttention's."""
+    ours, reference = _decoder_pair()
+    g = torch.Generator().manual_seed(6)
+    query, memory = torch.randn(3, 5, 16, generator=g), torch.randn(3, 8, 16, generator=g)
+    padding = torch.zeros(3, 8, dtype=torch.bool)
+    padding[1, -3:] = True
+    q, k, v = ours.multihead_attn.project_heads(query, memory, memory)
+    assert q.shape == (3, 4, 5, 4) and k.shape == v.shape == (3, 4, 8, 4)
+    weights = attention.attention_weights(q, k, attn_mask=~padding[:, None, None, :])
+    out, ref_weights = reference.multihead_attn(query, memory, memory, key_padding_mask=padding,
+                                                average_attn_weights=False)
+    assert weights.shape == ref_weights.shape == (3, 4, 5, 8)
+    torch.testing.assert_close(weights, ref_weights)
+    torch.testing.assert_close(ours.multihead_attn.merge_heads(weights @ v), out)
+    assert torch.all(weights[1, ..., -3:] == 0)
+
+
+def test_decoder_block_gradients_match_nn_transformer_decoder_layer():
+    ours, reference = _decoder_pair(seed=1)
+    g = torch.Generator().manual_seed(7)
+    tgt, memory = torch.randn(2, 6, 16, generator=g), torch.randn(2, 9, 16, generator=g)
+    tgt_padding = torch.zeros(2, 6, dtype=torch.bool)
+    tgt_padding[0, -2:] = True  # right padding: every query still sees key 0
+    memory_padding = torch.zeros(2, 9, dtype=torch.bool)
+    memory_padding[1, -4:] = True
+    causal = torch.ones(6, 6, dtype=torch.bool).triu(1)  # bool like the padding: True = masked
+    weight = torch.randn(2, 6, 16, generator=g)
+    (ours(tgt, memory, tgt_key_padding_mask=tgt_padding, memory_key_padding_mask=memory_padding,
+          tgt_is_causal=True) * weight).sum().backward()
+    (reference(tgt, memory, tgt_mask=causal, tgt_key_padding_mask=tgt_padding,
+               memory_key_padding_mask=memory_padding, tgt_is_causal=True) * weight).sum().backward()
+    theirs = dict(reference.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, theirs[name].grad, msg=f"gradient of {name}")
+
+
+def test_decoder_is_causal_in_the_target_and_sees_all_of_the_source():
+    ours, _ = _decoder_pair(seed=2)
+    g = torch.Generator().manual_seed(8)
+    tgt, memory = torch.randn(2, 7, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    changed_tgt, changed_memory = tgt.clone(), memory.clone()
+    changed_tgt[:, 4:] = torch.randn(2, 3, 16, generator=g)
+    changed_memory[:, -1] += 1.0
+    with torch.no_grad():
+        base = ours(tgt, memory, tgt_is_causal=True)
+        later = ours(changed_tgt, memory, tgt_is_causal=True)
+        source = ours(tgt, changed_memory, tgt_is_causal=True)
+        unmasked = ours(changed_tgt, memory) - ours(tgt, memory)
+        prefix = ours(tgt[:, :4], memory, tgt_is_causal=True)
+    torch.testing.assert_close(later[:, :4], base[:, :4])  # positions 0..3 never see 4..6
+    assert ((later - base)[:, 4:].abs().amax(-1) > 1e-4).all()
+    assert ((source - base).abs().amax(-1) > 1e-4).all()  # cross-attention has no causal mask
+    assert (unmasked[:, :4].abs().amax(-1) > 1e-4).all()  # without the mask, the future leaks
+    torch.testing.assert_close(prefix, base[:, :4])  # a prefix gives the same outputs: generation

@@ -70,7 +70,19 @@ def embed_eye(ids, weight):  # one-hot rows taken from an identity matrix
     return torch.eye(weight.shape[0], dtype=weight.dtype)[ids] @ weight
 
 
+LENGTH_ERROR = ValueError("LearnedPositionalEmbedding: sequence length 16 exceeds max_len=8")
+
 WRONG = [
+    wrong(ex.ch06.check_extrapolation, {"sinusoidal": 1.0, "learned": 1.0}, expect=["record None", "room for 16"], id="extra-learned-with-16-rows"),
+    wrong(ex.ch06.check_extrapolation, {"sinusoidal": 1.0, "learned": 0.1}, expect=["max_len=8 has rows for positions 0..7"], id="extra-learned-number"),
+    wrong(ex.ch06.check_extrapolation, {"sinusoidal": None, "learned": None}, expect=["max_len >= 16"], id="extra-sinusoidal-too-short"),
+    wrong(ex.ch06.check_extrapolation, {"sinusoidal": 100.0, "learned": None}, expect=["fraction between 0 and 1"], id="extra-percent"),
+    wrong(ex.ch06.check_extrapolation, {"sinusoidal": 0.1, "learned": None}, expect=["near chance", "*first* token"], id="extra-chance"),
+    wrong(ex.ch06.check_extrapolation, {"sinusoidal": 0.7, "learned": None}, expect=["close to 100%"], id="extra-undertrained"),
+    wrong(ex.ch06.check_extrapolation, {"sinusoidal": -0.5, "learned": None}, expect=["not an accuracy"], id="extra-negative"),
+    wrong(ex.ch06.check_extrapolation, {"sinusoidal": "100%", "learned": None}, expect=["expected a number"], id="extra-text"),
+    wrong(ex.ch06.check_extrapolation, {"sinusoidal": 1.0, "learned, max_len 8": None}, expect=["no key 'learned'"], id="extra-wrong-key"),
+    wrong(ex.ch06.check_extrapolation, [1.0, None], expect=["expected a dict"], id="extra-list"),
     wrong(ex.check_sinusoidal, swapped, expect=["even columns"], id="pe-sin-cos-swapped"),
     wrong(ex.check_sinusoidal, halves, expect=["interleave"], id="pe-halves"),
     wrong(ex.check_sinusoidal, doubled_exponent, expect=["already holds 2i"], id="pe-exponent-4i"),
@@ -96,6 +108,9 @@ WRONG = [
 
 def test_right_answers_pass(capsys):
     accepts(capsys, ex.check_pe_norm, 64 / 2)
+    accepts(capsys, ex.ch06.check_extrapolation, {"sinusoidal": 1.0, "learned": None})
+    accepts(capsys, ex.ch06.check_extrapolation,
+            {"sinusoidal": torch.tensor(0.968), "learned": LENGTH_ERROR, "learned, max_len 16": 1.0})
     for _ in range(3):  # the random cases change at every call
         for answer in (my_sinusoidal, tutorial_float32):
             accepts(capsys, ex.check_sinusoidal, answer)
@@ -111,6 +126,9 @@ def test_wrong_answers_are_rejected(capsys, check, args, expect):
 @pytest.mark.parametrize("answer", [..., None])
 def test_number_stubs_get_not_yet(capsys, answer):
     rejects(capsys, ex.check_pe_norm, answer, expect=["write your solution first"])
+    rejects(capsys, ex.ch06.check_extrapolation, answer, expect=["write your solution first"])
+    rejects(capsys, ex.ch06.check_extrapolation, {"sinusoidal": answer, "learned": None},
+            expect=["max_len >= 16"] if answer is None else ["write your solution first"])
 
 
 @pytest.mark.parametrize("check", [ex.check_sinusoidal, ex.check_embedding_matmul])

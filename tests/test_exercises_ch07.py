@@ -65,6 +65,45 @@ def mha_parameters(embed_dim):  # the notebook's solution
     return 4 * embed_dim * embed_dim + 4 * embed_dim
 
 
+def post_ln_forward(block, x):  # the notebook's solution
+    x = block.norm1(x + block.self_attn(x, x, x, need_weights=False)[0])
+    return block.norm2(x + block.feed_forward(x))
+
+
+def post_ln_with_dropouts(block, x):  # the same, written like nn.TransformerEncoderLayer
+    sa = block.dropout1(block.self_attn(x, x, x, need_weights=False)[0])
+    x = block.norm1(x + sa)
+    ff = block.linear2(block.dropout(torch.relu(block.linear1(x))))
+    return block.norm2(x + block.dropout2(ff))
+
+
+def post_ln_norm_inside(block, x):  # LayerNorm on the sub-layer's output only
+    x = x + block.norm1(block.self_attn(x, x, x, need_weights=False)[0])
+    return x + block.norm2(block.feed_forward(x))
+
+
+def post_ln_no_residual(block, x):
+    x = block.norm1(block.self_attn(x, x, x, need_weights=False)[0])
+    return block.norm2(block.feed_forward(x))
+
+
+def post_ln_norm1_twice(block, x):
+    x = block.norm1(x + block.self_attn(x, x, x, need_weights=False)[0])
+    return block.norm1(x + block.feed_forward(x))
+
+
+def post_ln_forgets_index(block, x):  # self_attn returns (output, weights)
+    x = block.norm1(x + block.self_attn(x, x, x))
+    return block.norm2(x + block.feed_forward(x))
+
+
+def post_ln_with_the_library(block, x):
+    d, h, ff = block.linear1.in_features, block.self_attn.num_heads, block.linear1.out_features
+    layer = nn.TransformerEncoderLayer(d, h, ff, dropout=0.0, batch_first=True, dtype=x.dtype)
+    layer.load_state_dict(block.state_dict())
+    return layer(x)
+
+
 WRONG = [
     wrong(ex.check_attention, unscaled, expect=["divide the scores by sqrt(d_k)"], id="attn-unscaled"),
     wrong(ex.check_attention, scaled_by_d_k, expect=["not by d_k"], id="attn-scaled-by-d-k"),
@@ -86,6 +125,13 @@ WRONG = [
     wrong(ex.check_mha_parameters, lambda e: 4 * e * e, expect=["biases"], id="mha-no-biases"),
     wrong(ex.check_mha_parameters, lambda e: 4 * e * e + 3 * e, expect=["output projection has biases"], id="mha-no-output-bias"),
     wrong(ex.check_mha_parameters, lambda e: {4: 80, 64: 16_640, 512: 1_050_624}.get(e, 0), expect=["expected"], id="mha-hard-coded-table"),
+    wrong(ex.ch07.check_post_ln, lambda block, x: block(x), expect=["pre-LN block"], id="post-ln-is-pre-ln"),
+    wrong(ex.ch07.check_post_ln, post_ln_norm_inside, expect=["normalise the sum"], id="post-ln-norm-inside"),
+    wrong(ex.ch07.check_post_ln, post_ln_no_residual, expect=["keep the residual"], id="post-ln-no-residual"),
+    wrong(ex.ch07.check_post_ln, post_ln_norm1_twice, expect=["norm2"], id="post-ln-norm1-twice"),
+    wrong(ex.ch07.check_post_ln, post_ln_forgets_index, expect=["raised TypeError", "take [0]"], id="post-ln-tuple"),
+    wrong(ex.ch07.check_post_ln, lambda block, x: post_ln_forward(block, x)[:, :1], expect=["same shape"], id="post-ln-shape"),
+    wrong(ex.ch07.check_post_ln, post_ln_with_the_library, expect=["calls nn.TransformerEncoderLayer"], id="post-ln-library"),
     wrong(ex.check_mha_parameters, lambda e: sum(p.numel() for p in nn.MultiheadAttention(e, 4).parameters()), expect=["calls nn.MultiheadAttention", "without building"], id="mha-builds-the-module"),
 ]
 
@@ -97,6 +143,8 @@ def test_right_answers_pass(capsys):
         accepts(capsys, ex.check_causal_mask, causal_mask)
         accepts(capsys, ex.check_causal_mask, lambda n: torch.tril(torch.ones(n, n)).bool())
         accepts(capsys, ex.check_mha_parameters, mha_parameters)
+        accepts(capsys, ex.ch07.check_post_ln, post_ln_forward)
+        accepts(capsys, ex.ch07.check_post_ln, post_ln_with_dropouts)
 
 
 @pytest.mark.parametrize(("check", "args", "expect"), WRONG)
@@ -104,7 +152,8 @@ def test_wrong_answers_are_rejected(capsys, check, args, expect):
     rejects(capsys, check, *args, expect=expect)
 
 
-@pytest.mark.parametrize("check", [ex.check_attention, ex.check_causal_mask, ex.check_mha_parameters])
+@pytest.mark.parametrize("check", [ex.check_attention, ex.check_causal_mask, ex.check_mha_parameters,
+                                   ex.ch07.check_post_ln])
 def test_function_stubs_and_errors_get_not_yet(capsys, check):
     rejects(capsys, check, stub, expect=["not written yet", "write your solution first"])
     rejects(capsys, check, broken, expect=["raised TypeError: unsupported operand"])
@@ -114,3 +163,4 @@ def test_function_stubs_and_errors_get_not_yet(capsys, check):
 def test_every_chapter_7_grader_has_two_or_more_wrong_answers():
     counts = Counter(p.values[0].__name__ for p in WRONG)
     assert set(counts) == set(ex.ch07.__all__) and min(counts.values()) >= 2
+

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch.nn import functional as F  # noqa: N812
@@ -11,11 +11,13 @@ from torch.nn import functional as F  # noqa: N812
 from aimodels import positional
 
 from ._common import (
+    STUB_HINT,
     Library,
     NotYet,
     _close,
     _expect_tensor,
     _grade_number,
+    _number,
     _report,
     call,
     fresh_rng,
@@ -23,7 +25,7 @@ from ._common import (
     torch_generator,
 )
 
-__all__ = ["check_embedding_matmul", "check_pe_norm", "check_sinusoidal"]
+__all__ = ["check_embedding_matmul", "check_extrapolation", "check_pe_norm", "check_sinusoidal"]
 
 _BOOK_ENCODING = Library(
     task="the exercise asks you to build the table yourself",
@@ -154,3 +156,65 @@ def check_embedding_matmul(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tens
                          "F.one_hot(ids, num_classes=weight.shape[0]) as float, times weight "
                          "(one-hot on the left).")
     return _report(True, "one-hot times the matrix is the embedding lookup.")
+
+
+_CANNOT_RUN = "None (the model cannot run at that length)"
+
+
+def _cannot_run(value: object) -> bool:
+    """None, or the exception the model raised, both mean "cannot run at this length"."""
+    return value is None or isinstance(value, Exception)
+
+
+@grader
+def check_extrapolation(results: object) -> bool:
+    """Ch. 6, exercise 4: accuracies at length 16 of position probes trained on length 8.
+
+    ``results["sinusoidal"]`` is the test accuracy (a fraction) on 16-token sequences of
+    the probe with the sinusoidal encoding; ``results["learned"]`` is that of the probe
+    whose learned table was built with ``max_len=8``, or None (or the exception it
+    raised) when it cannot run. Trained as in the chapter, the sinusoidal probe keeps at
+    least 90% (the chapter measures 100%); other keys are ignored.
+    """
+    if results is Ellipsis or results is None:
+        blank = "..." if results is Ellipsis else "None"
+        raise NotYet(f"no answer yet (results is still {blank}).", STUB_HINT)
+    if not isinstance(results, Mapping):
+        raise NotYet(f"expected a dict, got {type(results).__name__} {results!r:.40}.",
+                     'pass {"sinusoidal": accuracy, "learned": accuracy or None}.')
+    missing = [key for key in ("sinusoidal", "learned") if key not in results]
+    if missing:
+        raise NotYet(f"results has no key {missing[0]!r} (keys: {sorted(map(str, results))}).",
+                     'use the keys "sinusoidal" and "learned" (the table with max_len=8).')
+
+    learned = results["learned"]
+    if not _cannot_run(learned):
+        value = _number('results["learned"]', learned)
+        raise NotYet(f'results["learned"] = {value:.4g}, an accuracy.',
+                     "a learned table built with max_len=8 has rows for positions 0..7 only: "
+                     "on 16 tokens the model raises ValueError, so record None. A number "
+                     "means your table had room for 16 positions.")
+
+    sinusoidal = results["sinusoidal"]
+    if _cannot_run(sinusoidal):
+        raise NotYet(f'results["sinusoidal"] is {_CANNOT_RUN}.',
+                     "the sinusoidal encoding is a formula defined at every position: build "
+                     "the module with max_len >= 16 (the chapter uses 64) and it runs.")
+    value = _number('results["sinusoidal"]', sinusoidal)
+    if 1 < value <= 100:
+        raise NotYet(f'results["sinusoidal"] = {value:.4g}.',
+                     "give the accuracy as a fraction between 0 and 1 (1.0 for 100%).")
+    if not 0 <= value <= 1:
+        raise NotYet(f'results["sinusoidal"] = {value:.4g} is not an accuracy.',
+                     "an accuracy is the fraction of sequences classified correctly, in [0, 1].")
+    if value < 0.3:
+        raise NotYet(f'results["sinusoidal"] = {value:.1%}, near chance (10 tokens: 10%).',
+                     "label each 16-token sequence with its *first* token, tokens[:, 0], and "
+                     "train the probe on length 8 before testing it.")
+    if value < 0.9:
+        raise NotYet(f'results["sinusoidal"] = {value:.1%}.',
+                     "the probe needs only position 0, whose encoding is the same at any "
+                     "length: train it as in the chapter (8 epochs, Adam, lr 3e-3) and expect "
+                     "close to 100%.")
+    return _report(True, f"the sinusoidal probe keeps {value:.0%} at length 16; the learned "
+                         "table with max_len=8 has no row for position 8.")

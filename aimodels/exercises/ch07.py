@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from aimodels import attention, scaling
+from aimodels import attention, scaling, transformer
 
 from ._common import (
     Library,
@@ -23,7 +24,7 @@ from ._common import (
     torch_generator,
 )
 
-__all__ = ["check_attention", "check_causal_mask", "check_mha_parameters"]
+__all__ = ["check_attention", "check_causal_mask", "check_mha_parameters", "check_post_ln"]
 
 _TORCH_ATTENTION = Library(
     task="the exercise asks you to write it from matrix products and a softmax",
@@ -151,3 +152,82 @@ def check_mha_parameters(fn: Callable[[int], int]) -> bool:
         raise NotYet(f"{where}: got {got}, expected {expected}.", slips.get(
             got, "four E x E projections (query, key, value, output), each with E biases."))
     return _report(True, "4E² + 4E, whatever the number of heads.")
+
+
+_TORCH_POST_LN = Library(
+    task="the exercise asks you to write the post-LN forward pass from the block's parts",
+    hint="x = block.norm1(x + block.self_attn(x, x, x, need_weights=False)[0]), then "
+         "block.norm2(x + block.feed_forward(x)).",
+    python=((nn.TransformerEncoderLayer, "nn.TransformerEncoderLayer"),),
+)
+
+
+def _random_block(d_model: int, nhead: int, dim_feedforward: int,
+                  g: torch.Generator) -> nn.Module:
+    """An ``EncoderBlock`` in float64 with random weights, its LayerNorms far from identity."""
+    block = transformer.EncoderBlock(d_model, nhead, dim_feedforward, dropout=0.0).double()
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+            if name.startswith("norm") and name.endswith("weight"):
+                p.add_(1.0)
+    return block
+
+
+def _post_ln_slips(block: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The outputs that common slips produce, each with its hint."""
+    def sa(h: torch.Tensor) -> torch.Tensor:
+        return block.self_attn(h, h, h, need_weights=False)[0]
+
+    with torch.no_grad():
+        inside = x + block.norm1(sa(x))
+        no_residual = block.norm1(sa(x))
+        return {
+            "that is the pre-LN block (LayerNorm before each sub-layer): post-LN normalises "
+            "after the residual addition, x = norm1(x + SA(x)).": block(x),
+            "normalise the sum x + SA(x), not only the sub-layer's output: in post-LN the "
+            "LayerNorm comes after the residual addition.":
+                inside + block.norm2(block.feed_forward(inside)),
+            "keep the residual connections: add each sub-layer's input back before the "
+            "LayerNorm.": block.norm2(block.feed_forward(no_residual)),
+            "the second LayerNorm is norm2, applied after the feed-forward residual.":
+                block.norm1(block.norm1(x + sa(x)) + block.feed_forward(block.norm1(x + sa(x)))),
+        }
+
+
+@grader
+def check_post_ln(fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> bool:
+    """Ch. 7, exercise 4: ``fn(block, x)`` is the post-LN forward pass of an ``EncoderBlock``.
+
+    ``block`` is our pre-LN ``EncoderBlock`` (dropout 0); the answer must equal
+    ``nn.TransformerEncoderLayer(norm_first=False)`` holding the same weights, for random
+    sizes and weights in float64 (LayerNorms far from the identity). Calling
+    ``nn.TransformerEncoderLayer`` is not allowed.
+    """
+    rng = fresh_rng()
+    g = torch_generator(rng)
+    cases = [(8, 2, 16, 2, 5), (16, 4, 12, 1, 1), (12, 3, 24, 3, 7)]
+    cases.append((4 * rng.randint(1, 6), rng.choice([1, 2, 4]), rng.randint(4, 40),
+                  rng.randint(1, 3), rng.randint(2, 9)))
+    for d_model, nhead, ff, batch, length in cases:
+        block = _random_block(d_model, nhead, ff, g)
+        reference = nn.TransformerEncoderLayer(d_model, nhead, ff, dropout=0.0, norm_first=False,
+                                               batch_first=True, dtype=torch.float64)
+        reference.load_state_dict(block.state_dict())
+        x = torch.randn(batch, length, d_model, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            expected = reference(x)
+        where = f"d_model={d_model}, nhead={nhead}, x of shape {tuple(x.shape)}"
+        student_block = copy.deepcopy(block)
+        got = call(fn, student_block, x.clone(), library=_TORCH_POST_LN,
+                   hint="block.self_attn(x, x, x) returns (output, weights): take [0].")
+        got = _expect_tensor(got, tuple(x.shape), where,
+                             "the block maps [batch, length, d_model] to the same shape.")
+        if _close(got, expected, 1e-9):
+            continue
+        hint = next((h for h, out in _post_ln_slips(block, x).items() if _close(got, out, 1e-9)),
+                    "x = norm1(x + SA(x)), then norm2(x + FFN(x)): each LayerNorm follows its "
+                    "residual addition.")
+        raise NotYet(f"values differ for {where}.", hint)
+    return _report(True, "your post-LN forward pass matches "
+                         "nn.TransformerEncoderLayer(norm_first=False).")
