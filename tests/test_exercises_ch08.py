@@ -184,6 +184,10 @@ def clipped(hyp, refs, n):  # the notebook's solution
     return sum(min(k, limit[g]) for g, k in counts.items()), sum(counts.values())
 
 
+def best_single_reference(hyp, refs, n):  # clips against each reference alone, keeps the best
+    return max((clipped(hyp, [ref], n) for ref in refs), default=(0, 0))
+
+
 def unclipped(hyp, refs, n):
     grams = lambda tokens: [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]  # noqa: E731
     ref_grams = {g for r in refs for g in grams(r)}
@@ -246,6 +250,7 @@ WRONG = [
     wrong(ch08.check_full_range, uses_the_rules, expect=["calls aimodels.data.chinese_number", "model you trained"], id="range-rules"),
     wrong(ch08.check_clipped_precision, unclipped, expect=["2/7"], id="clip-none"),
     wrong(ch08.check_clipped_precision, clipped_by_sum, expect=["*one* reference"], id="clip-sum"),
+    wrong(ch08.check_clipped_precision, best_single_reference, expect=["separately for each n-gram"], id="clip-best-reference"),
     wrong(ch08.check_clipped_precision, distinct_only, expect=["every occurrence"], id="clip-distinct"),
     wrong(ch08.check_clipped_precision, total_off_by_one, expect=["len(hypothesis) - n + 1"], id="clip-total"),
     wrong(ch08.check_clipped_precision, lambda hyp, refs, n: clipped(hyp, refs, n)[0], expect=["a pair"], id="clip-no-total"),

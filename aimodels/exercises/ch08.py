@@ -277,6 +277,11 @@ def _clipped(hyp: Sequence[str], refs: Sequence[Sequence[str]], n: int, clip: st
     return sum(min(k, limit[g]) for g, k in counts.items()), sum(counts.values())
 
 
+def _best_single_reference(hyp: list[str], refs: list[list[str]], n: int) -> tuple[int, int]:
+    """A slip: clip against each reference on its own and keep the best reference's count."""
+    return max((_clipped(hyp, [ref], n, "max") for ref in refs), default=(0, 0))
+
+
 @grader
 def check_clipped_precision(fn: Callable[[list[str], list[list[str]], int], tuple]) -> bool:
     """Ch. 8, exercise 5: ``fn(hypothesis, references, n)`` returns BLEU's clipped n-gram
@@ -291,7 +296,8 @@ def check_clipped_precision(fn: Callable[[list[str], list[list[str]], int], tupl
                 ["there", "is", "a", "cat", "on", "the", "mat"]]
     cases = [(the7, papineni, 1), (the7, papineni, 2), ("a b a b a".split(), [["a", "b"]], 1),
              ("a b a b".split(), [["a", "b"], ["a", "b"]], 2), ([], [["a"]], 1),
-             (["a", "b"], [["a", "b"]], 3), ("x y z".split(), [["a", "b", "c"]], 1)]
+             (["a", "b"], [["a", "b"]], 3), ("x y z".split(), [["a", "b", "c"]], 1),
+             (["a", "b"], [["a"], ["b"]], 1)]  # each n-gram takes its own best reference
     for _ in range(6):
         words = lambda: [rng.choice("abc") for _ in range(rng.randint(0, 9))]  # noqa: E731
         cases.append((words(), [words() for _ in range(rng.randint(1, 3))], rng.randint(1, 4)))
@@ -316,6 +322,9 @@ def check_clipped_precision(fn: Callable[[list[str], list[list[str]], int], tupl
                     "references.")
         elif got == _clipped(hyp, refs, n, "distinct"):
             hint = "count every occurrence of an n-gram, not each distinct n-gram once."
+        elif got == _best_single_reference(hyp, refs, n):
+            hint = ("take the maximum count over the references separately for each n-gram: "
+                    "for 'a b' against ['a'] and ['b'] both words match.")
         elif got[1] != expected[1]:
             hint = ("the total is the number of n-grams in the hypothesis: len(hypothesis) - "
                     "n + 1 (0 if shorter).")
