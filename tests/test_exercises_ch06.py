@@ -75,6 +75,7 @@ LENGTH_ERROR = ValueError("LearnedPositionalEmbedding: sequence length 16 exceed
 WRONG = [
     wrong(ex.ch06.check_extrapolation, {"sinusoidal": 1.0, "learned": 1.0}, expect=["record None", "room for 16"], id="extra-learned-with-16-rows"),
     wrong(ex.ch06.check_extrapolation, {"sinusoidal": 1.0, "learned": 0.1}, expect=["max_len=8 has rows for positions 0..7"], id="extra-learned-number"),
+    wrong(ex.ch06.check_extrapolation, {"sinusoidal": 1.0, "learned": "cannot run"}, expect=["not as a string"], id="extra-learned-text"),
     wrong(ex.ch06.check_extrapolation, {"sinusoidal": None, "learned": None}, expect=["max_len >= 16"], id="extra-sinusoidal-too-short"),
     wrong(ex.ch06.check_extrapolation, {"sinusoidal": 100.0, "learned": None}, expect=["fraction between 0 and 1"], id="extra-percent"),
     wrong(ex.ch06.check_extrapolation, {"sinusoidal": 0.1, "learned": None}, expect=["near chance", "*first* token"], id="extra-chance"),

@@ -188,6 +188,10 @@ def check_extrapolation(results: object) -> bool:
                      'use the keys "sinusoidal" and "learned" (the table with max_len=8).')
 
     learned = results["learned"]
+    if isinstance(learned, str):
+        raise NotYet(f'results["learned"] is the text {learned!r}.',
+                     "record a model that cannot run at this length as None (or the exception "
+                     "it raised), not as a string.")
     if not _cannot_run(learned):
         value = _number('results["learned"]', learned)
         raise NotYet(f'results["learned"] = {value:.4g}, an accuracy.',
