@@ -5,7 +5,7 @@ one line that says which: "Correct: ..." or "Not yet: ... Hint: ...". A wrong an
 matches a common slip gets a hint that names the slip. A stub (a body that raises
 ``NotImplementedError``, or an answer left as ``...``), an exception inside the learner's
 code, and a call to the library function an exercise asks the learner to write all get
-"Not yet" too, never a traceback. One module per chapter: ``ch01`` ... ``ch13``.
+"Not yet" too, never a traceback. One module per chapter: ``ch01`` ... ``ch15``.
 """
 
 from __future__ import annotations
