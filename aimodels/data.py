@@ -334,3 +334,58 @@ def stdlib_corpus(max_chars: int = 200_000) -> str:
     across versions.
     """
     return "".join(text for _, text in stdlib_files(max_chars))
+
+
+def multistep_windows(series: np.ndarray, window: int, horizon: int,
+                      test_fraction: float = 0.25) -> dict:
+    """Cut a series into (past ``window`` values -> next ``horizon`` values) pairs, split in time.
+
+    Window i holds ``series[i : i + window]`` and its targets are
+    ``series[i + window : i + window + horizon]``. The split is made at the same point as
+    :func:`forecasting_windows` (the last ``test_fraction`` of the targets), and the last
+    ``horizon - 1`` training windows are dropped: their later targets would be test
+    targets. Returns float32 tensors ``X_train, Y_train, X_test, Y_test`` of shapes
+    ``[n, window, 1]`` and ``[n, horizon]``.
+    """
+    import torch
+
+    series = np.asarray(series, dtype=np.float32)
+    if not isinstance(horizon, int) or horizon < 1:
+        raise ValueError(f"horizon must be a positive int, got {horizon!r}")
+    if series.ndim != 1 or len(series) <= window + horizon:
+        raise ValueError(f"expected a 1-D series longer than window + horizon = "
+                         f"{window + horizon}, got shape {series.shape}")
+    cut = np.lib.stride_tricks.sliding_window_view(series, window + horizon)
+    X, Y = cut[:, :window], cut[:, window:]
+    split = int((len(series) - window) * (1 - test_fraction))  # first test window
+    to_tensor = lambda a: torch.tensor(np.ascontiguousarray(a))  # noqa: E731
+    last_train = max(split - horizon + 1, 0)
+    return {
+        "X_train": to_tensor(X[:last_train, :, None]),
+        "Y_train": to_tensor(Y[:last_train]),
+        "X_test": to_tensor(X[split:, :, None]),
+        "Y_test": to_tensor(Y[split:]),
+    }
+
+
+def logistic_map_series(n_steps: int = 2000, r: float = 4.0, x0: float = 0.2,
+                        noise: float = 0.0, seed: int = 0) -> np.ndarray:
+    r"""The logistic map :math:`x_{t+1} = r\,x_t (1 - x_t)` (May, 1976), optionally observed
+    with Gaussian noise of standard deviation ``noise``.
+
+    At r = 4 the series is chaotic: each value is an exact quadratic function of the
+    previous one, yet a *linear* forecast from past values does no better than the mean
+    (measured in Chapter 5). The recursion runs in float64, whose arithmetic is exactly
+    rounded, so the series is the same on every machine.
+    """
+    if not 0 < r <= 4:
+        raise ValueError(f"r must be in (0, 4] so that the map stays in [0, 1], got {r!r}")
+    if not 0 < x0 < 1:
+        raise ValueError(f"x0 must be strictly between 0 and 1, got {x0!r}")
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise!r}")
+    x = np.empty(n_steps, dtype=np.float64)
+    x[0] = x0
+    for t in range(1, n_steps):
+        x[t] = r * x[t - 1] * (1.0 - x[t - 1])
+    return x + noise * np.random.default_rng(seed).standard_normal(n_steps)

@@ -116,6 +116,59 @@ def uses_book_cell(x, w_ih, w_hh, b_ih, b_hh, h0=None):
     return torch.stack(states, 1), h.unsqueeze(0)
 
 
+def copy_batch(delay, n, generator):  # the notebook's solution
+    x = torch.randn(n, delay, 1, generator=generator)
+    return x, x[:, 0]
+
+
+def copy_last_value(delay, n, generator):
+    x = torch.randn(n, delay, 1, generator=generator)
+    return x, x[:, -1]
+
+
+def copy_second_value(delay, n, generator):
+    x = torch.randn(n, delay, 1, generator=generator)
+    return x, x[:, 1]
+
+
+def copy_periodic(delay, n, generator):  # the chapter's old exercise: a noisy sine wave
+    phase = 2 * math.pi * torch.rand(n, 1, 1, generator=generator)
+    t = torch.arange(delay).view(1, delay, 1)
+    x = 1.4 * torch.sin(2 * math.pi * t / 12 + phase) + 0.1 * torch.randn(n, delay, 1, generator=generator)
+    return x, x[:, 0]
+
+
+def copy_random_walk(delay, n, generator):
+    x = torch.randn(n, delay, 1, generator=generator).cumsum(dim=1) / math.sqrt(delay)
+    return x, x[:, 0]
+
+
+def copy_uniform(delay, n, generator):
+    x = torch.rand(n, delay, 1, generator=generator)
+    return x, x[:, 0]
+
+
+def copy_global_generator(delay, n, generator):
+    x = torch.randn(n, delay, 1)
+    return x, x[:, 0]
+
+
+def copy_flat_target(delay, n, generator):
+    x = torch.randn(n, delay, 1, generator=generator)
+    return x, x[:, 0, 0]
+
+
+def copy_no_feature_axis(delay, n, generator):
+    x = torch.randn(n, delay, generator=generator)
+    return x, x[:, :1]
+
+
+def copy_smoothed(delay, n, generator):  # a moving average: neighbours share noise
+    raw = torch.randn(n, delay + 1, 1, generator=generator)
+    x = (raw[:, 1:] + raw[:, :-1]) / math.sqrt(2)
+    return x, x[:, 0]
+
+
 STEPS = math.log(0.01) / math.log(0.9)
 
 WRONG = [
@@ -139,6 +192,15 @@ WRONG = [
     wrong(ex.check_rnn_forward, uses_nn_rnn, expect=["calls nn.RNN", "loop over time steps"], id="rnn-nn-RNN"),
     wrong(ex.check_rnn_forward, uses_nn_rnn_cell, expect=["calls nn.RNN"], id="rnn-nn-RNNCell"),
     wrong(ex.check_rnn_forward, uses_book_cell, expect=["calls aimodels.rnn.rnn_cell"], id="rnn-book-cell"),
+    wrong(ex.ch05.check_copy_task, copy_last_value, expect=["FIRST value", "no memory"], id="copy-last-value"),
+    wrong(ex.ch05.check_copy_task, copy_second_value, expect=["step 0"], id="copy-second-value"),
+    wrong(ex.ch05.check_copy_task, copy_periodic, expect=["linear fit", "Draw every value independently"], id="copy-periodic-signal"),
+    wrong(ex.ch05.check_copy_task, copy_random_walk, expect=["linear fit"], id="copy-random-walk"),
+    wrong(ex.ch05.check_copy_task, copy_smoothed, expect=["linear fit"], id="copy-moving-average"),
+    wrong(ex.ch05.check_copy_task, copy_uniform, expect=["torch.rand is uniform"], id="copy-uniform-noise"),
+    wrong(ex.ch05.check_copy_task, copy_global_generator, expect=["generator you are given"], id="copy-global-generator"),
+    wrong(ex.ch05.check_copy_task, copy_flat_target, expect=["keeps the feature axis"], id="copy-flat-target"),
+    wrong(ex.ch05.check_copy_task, copy_no_feature_axis, expect=["add the feature axis"], id="copy-no-feature-axis"),
 ]
 
 
@@ -147,6 +209,10 @@ def test_right_answers_pass(capsys):
     for _ in range(3):  # the random cases change at every call
         accepts(capsys, ex.check_rnn_parameters, rnn_parameters)
         accepts(capsys, ex.check_rnn_forward, run_rnn)
+        accepts(capsys, ex.ch05.check_copy_task, copy_batch)
+    accepts(capsys, ex.ch05.check_copy_task,
+            lambda delay, n, generator: (lambda x: (x, x[:, 0].clone()))(
+                torch.randn(n, delay, 1, generator=generator, dtype=torch.float64)))
 
 
 @pytest.mark.parametrize(("check", "args", "expect"), WRONG)
@@ -159,16 +225,19 @@ def test_number_stubs_get_not_yet(capsys, answer):
     rejects(capsys, ex.check_vanishing_steps, answer, expect=["write your solution first"])
 
 
-@pytest.mark.parametrize("check", [ex.check_rnn_parameters, ex.check_rnn_forward])
+@pytest.mark.parametrize("check", [ex.check_rnn_parameters, ex.check_rnn_forward,
+                                   ex.ch05.check_copy_task])
 def test_function_stubs_and_errors_get_not_yet(capsys, check):
     rejects(capsys, check, stub, expect=["not written yet", "write your solution first"])
     rejects(capsys, check, broken, expect=["raised TypeError: unsupported operand"])
 
 
-def test_the_rnn_grader_leaves_the_global_random_state_alone(capsys):
+def test_the_graders_leave_the_global_random_state_alone(capsys):
     state = torch.get_rng_state()
     accepts(capsys, ex.check_rnn_forward, run_rnn)
     rejects(capsys, ex.check_rnn_forward, no_hidden_bias)
+    accepts(capsys, ex.ch05.check_copy_task, copy_batch)
+    rejects(capsys, ex.ch05.check_copy_task, copy_global_generator)  # draws from the global state
     assert torch.equal(state, torch.get_rng_state())
 
 

@@ -153,3 +153,18 @@ def test_displayed_source_is_current(path):
             shown += 1
     if "show_source(" in "".join(source(c) for c in code_cells(load(path))):
         assert shown, "show_source cells have no rendered source output"
+
+
+CITE = re.compile(r"\{cite(?::\w+)?\}`([^`]+)`")
+BIB_KEY = re.compile(r"^@\w+\{([^,\s]+),", re.M)
+
+
+def test_every_cited_key_is_in_the_bibliography():
+    """A missing key fails only the strict book build, at the very end of `make test`."""
+    keys = set(BIB_KEY.findall((ROOT / "book" / "references.bib").read_text(encoding="utf-8")))
+    pages = [(p.name, markdown(load(p))) for p in NOTEBOOKS]
+    pages += [(p.name, p.read_text(encoding="utf-8")) for p in (ROOT / "book").glob("*.md")]
+    missing = {(name, key.strip()) for name, text in pages for group in CITE.findall(text)
+               for key in group.split(",") if key.strip() not in keys}
+    assert not missing, f"cited but not in book/references.bib: {sorted(missing)}"
+    assert len(keys) > 100

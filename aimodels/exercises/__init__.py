@@ -28,13 +28,38 @@ from . import (
     ch15,
 )
 from .ch01 import check_mlp_parameters, check_training_days, check_weights_gb
-from .ch02 import check_adagrad, check_adam_first_step, check_max_stable_lr
-from .ch03 import check_ce_grad, check_double_softmax_floor, check_numerical_grad
-from .ch04 import check_conv2d, check_conv_output_size, check_receptive_field
-from .ch05 import check_rnn_forward, check_rnn_parameters, check_vanishing_steps
-from .ch06 import check_embedding_matmul, check_pe_norm, check_sinusoidal
-from .ch07 import check_attention, check_causal_mask, check_mha_parameters
-from .ch08 import check_bpe_merge, check_chinese_number, check_pad_batch
+from .ch02 import (
+    check_adagrad,
+    check_adam_first_step,
+    check_clipped_gradient,
+    check_max_stable_lr,
+    check_warmup_cosine_lr,
+)
+from .ch03 import (
+    check_ce_grad,
+    check_double_softmax_floor,
+    check_he_std,
+    check_inverted_dropout,
+    check_numerical_grad,
+    check_two_layer_grads,
+)
+from .ch04 import (
+    check_batchnorm_eval,
+    check_conv2d,
+    check_conv_output_size,
+    check_receptive_field,
+    check_separable_parameters,
+)
+from .ch05 import check_copy_task, check_rnn_forward, check_rnn_parameters, check_vanishing_steps
+from .ch06 import check_embedding_matmul, check_extrapolation, check_pe_norm, check_sinusoidal
+from .ch07 import check_attention, check_causal_mask, check_mha_parameters, check_post_ln
+from .ch08 import (
+    check_bpe_merge,
+    check_chinese_number,
+    check_clipped_precision,
+    check_full_range,
+    check_pad_batch,
+)
 from .ch09 import check_distinct_n, check_kv_cache_gb, check_perplexity, check_top_p_filter
 from .ch10 import (
     check_bubble_fraction,
@@ -64,12 +89,7 @@ from .ch13 import (
     check_shared_prefix_blocks,
     check_static_steps,
 )
-from .ch14 import (
-    check_cloud_latency,
-    check_crossover_flops,
-    check_int8_size,
-    check_shape_accepts,
-)
+from .ch14 import check_cloud_latency, check_crossover_flops, check_int8_size, check_shape_accepts
 from .ch15 import check_cost_per_million, check_moe_parameters, check_training_energy
 
 CHAPTERS = {
@@ -79,18 +99,22 @@ CHAPTERS = {
 
 __all__ = [
     "check_adagrad", "check_adam_first_step", "check_attention", "check_batch_throughput",
-    "check_bpe_merge", "check_bubble_fraction", "check_causal_mask", "check_ce_grad",
-    "check_chinese_number", "check_cloud_latency", "check_column_shard",
-    "check_continuous_steps", "check_conv2d", "check_conv_output_size",
+    "check_batchnorm_eval", "check_bpe_merge", "check_bubble_fraction", "check_causal_mask",
+    "check_ce_grad", "check_chinese_number", "check_clipped_gradient",
+    "check_clipped_precision", "check_cloud_latency", "check_column_shard",
+    "check_continuous_steps", "check_conv2d", "check_conv_output_size", "check_copy_task",
     "check_cost_per_million", "check_crossover_flops", "check_distinct_n",
-    "check_double_softmax_floor", "check_embedding_matmul", "check_int8_size", "check_kd_loss",
-    "check_kv_blocks", "check_kv_cache_gb", "check_littles_law", "check_max_stable_lr",
-    "check_mha_parameters", "check_mlp_parameters", "check_moe_parameters",
-    "check_nearest_rank", "check_numerical_grad", "check_pad_batch", "check_parse_sse",
-    "check_pe_norm", "check_per_channel_quantize", "check_perplexity", "check_pruned_size",
-    "check_psi", "check_receptive_field", "check_ridge_batch", "check_ring_bytes",
-    "check_ring_time", "check_rnn_forward", "check_rnn_parameters", "check_scale_zero_point",
+    "check_double_softmax_floor", "check_embedding_matmul", "check_extrapolation",
+    "check_full_range", "check_he_std", "check_int8_size", "check_inverted_dropout",
+    "check_kd_loss", "check_kv_blocks", "check_kv_cache_gb", "check_littles_law",
+    "check_max_stable_lr", "check_mha_parameters", "check_mlp_parameters",
+    "check_moe_parameters", "check_nearest_rank", "check_numerical_grad", "check_pad_batch",
+    "check_parse_sse", "check_pe_norm", "check_per_channel_quantize", "check_perplexity",
+    "check_post_ln", "check_pruned_size", "check_psi", "check_receptive_field",
+    "check_ridge_batch", "check_ring_bytes", "check_ring_time", "check_rnn_forward",
+    "check_rnn_parameters", "check_scale_zero_point", "check_separable_parameters",
     "check_shape_accepts", "check_shared_prefix_blocks", "check_sinusoidal",
     "check_static_steps", "check_top_p_filter", "check_training_days", "check_training_energy",
-    "check_v2_request", "check_vanishing_steps", "check_weights_gb", "check_zero_memory",
+    "check_two_layer_grads", "check_v2_request", "check_vanishing_steps",
+    "check_warmup_cosine_lr", "check_weights_gb", "check_zero_memory",
 ]

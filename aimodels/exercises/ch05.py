@@ -24,7 +24,7 @@ from ._common import (
     torch_generator,
 )
 
-__all__ = ["check_rnn_forward", "check_rnn_parameters", "check_vanishing_steps"]
+__all__ = ["check_copy_task", "check_rnn_forward", "check_rnn_parameters", "check_vanishing_steps"]
 
 _BUILDS_AN_RNN = Library(
     task="the exercise asks you to count from the sizes, without building the module",
@@ -161,3 +161,97 @@ def check_rnn_forward(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> b
             raise NotYet(f"{where}: values differ from nn.RNN.", hint)
     return _report(True, "your RNN matches nn.RNN for every batch size, dtype, with and "
                          "without h0.")
+
+
+def _copy_batch(fn: Callable[..., object], delay: int, n: int, seed: int,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The learner's batch for ``delay`` and ``n``, drawn with a generator seeded ``seed``."""
+    result = call(fn, delay, n, torch.Generator().manual_seed(seed))
+    where = f"delay={delay}, n={n}"
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        raise NotYet(f"{where}: expected a pair (x, y), got {_shape(result)}.",
+                     "return the inputs and the targets: x, x[:, 0].")
+    x, y = result
+    if isinstance(x, torch.Tensor) and tuple(x.shape) == (n, delay):
+        raise NotYet(f"{where}: x has shape {tuple(x.shape)}, expected {(n, delay, 1)}.",
+                     "SequenceRegressor reads [batch, time, features]: add the feature axis, "
+                     "torch.randn(n, delay, 1, ...).")
+    if not (isinstance(x, torch.Tensor) and tuple(x.shape) == (n, delay, 1)
+            and x.is_floating_point()):
+        raise NotYet(f"{where}: expected x, a float tensor of shape {(n, delay, 1)}, "
+                     f"got {_shape(x)}.", "x = torch.randn(n, delay, 1, generator=generator).")
+    if isinstance(y, torch.Tensor) and tuple(y.shape) == (n,):
+        raise NotYet(f"{where}: y has shape {(n,)}, expected {(n, 1)}.",
+                     "the model predicts [batch, 1]; x[:, 0] keeps the feature axis.")
+    if not (isinstance(y, torch.Tensor) and tuple(y.shape) == (n, 1)):
+        raise NotYet(f"{where}: expected y of shape {(n, 1)}, got {_shape(y)}.",
+                     "the target is the first value of each sequence, x[:, 0].")
+    return x.detach(), y.detach()
+
+
+def _explained_share(x: torch.Tensor, y: torch.Tensor) -> float:
+    """R^2 of the least-squares fit of y on x_1 ... x_(T-1) and a constant."""
+    later = x[:, 1:, 0].double()
+    design = torch.cat([later, later.new_ones(len(later), 1)], dim=1)
+    target = y.double()
+    residual = target - design @ torch.linalg.lstsq(design, target).solution
+    return 1.0 - (residual.var() / target.var()).item()
+
+
+@grader
+def check_copy_task(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Ch. 5, exercise 4: ``fn(delay, n, generator)`` makes a batch of the copy task.
+
+    Returns inputs ``x`` of shape ``[n, delay, 1]``, i.i.d. standard normal values drawn
+    with ``generator``, and targets ``y = x[:, 0]`` of shape ``[n, 1]``. Checked: the
+    shapes, the target, that the later values carry no linear information about the
+    first (R^2 of a least-squares fit), the mean and spread, and that the same seed gives
+    the same batch. The global random state is left alone.
+    """
+    rng = fresh_rng()
+    n, seed = 4000, rng.randrange(2**62)
+    state = torch.get_rng_state()
+    try:
+        for delay in (rng.randint(20, 40), 5):
+            x, y = _copy_batch(fn, delay, n, seed)
+            where = f"delay={delay}"
+            if not torch.equal(y, x[:, 0]):
+                if torch.equal(y, x[:, -1]):
+                    hint = ("the target is the FIRST value, x[:, 0]: the last one is still in "
+                            "the input at the end, so recalling it needs no memory.")
+                elif any(torch.equal(y, x[:, k]) for k in range(1, delay)):
+                    hint = "the first value is step 0: x[:, 0]."
+                else:
+                    hint = "the target is the first value of each sequence: y = x[:, 0]."
+                raise NotYet(f"{where}: y is not the first value of each sequence.", hint)
+            share = _explained_share(x, y)
+            if share > 0.05:
+                raise NotYet(f"{where}: a linear fit on the later values explains {share:.0%} "
+                             "of x_0, so a model need not remember it.",
+                             "with a periodic, smooth or cumulative signal, x_0 can be read "
+                             "off the later values. Draw every value independently: "
+                             "torch.randn(n, delay, 1, generator=generator).")
+            pairs = x[:, :, 0].double()
+            lag1 = torch.corrcoef(torch.stack([pairs[:, :-1].flatten(),
+                                               pairs[:, 1:].flatten()]))[0, 1].item()
+            if abs(lag1) > 0.05:
+                raise NotYet(f"{where}: neighbouring values are correlated ({lag1:.2f}).",
+                             "draw every value independently, with torch.randn.")
+            mean, std = x.double().mean().item(), x.double().std().item()
+            if abs(mean) > 0.05 or abs(std - 1) > 0.05:
+                hint = ("torch.rand is uniform on [0, 1); the task uses standard normal noise, "
+                        "torch.randn." if abs(mean - 0.5) < 0.05 else
+                        "use standard normal noise, mean 0 and variance 1: torch.randn.")
+                raise NotYet(f"{where}: the inputs have mean {mean:.2f} and standard deviation "
+                             f"{std:.2f}, expected 0 and 1.", hint)
+            again, _ = _copy_batch(fn, delay, n, seed)
+            other, _ = _copy_batch(fn, delay, n, seed + 1)
+            if not torch.equal(again, x) or torch.equal(other, x):
+                raise NotYet(f"{where}: the same seed gave a different batch, or another "
+                             "seed the same one.",
+                             "draw with the generator you are given: torch.randn(..., "
+                             "generator=generator).")
+    finally:
+        torch.set_rng_state(state)
+    return _report(True, "i.i.d. standard normal inputs, the target is x_0, and nothing "
+                         "after it predicts it.")
