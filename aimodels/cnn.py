@@ -45,13 +45,15 @@ def _check_images(x: torch.Tensor) -> None:
         )
 
 
+def _check_weight(weight: torch.Tensor) -> None:
+    if weight.ndim != 4:
+        raise ValueError("expected weight of shape [out_channels, in_channels, kh, kw], "
+                         f"got {tuple(weight.shape)}")
+
+
 def _check_conv_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     _check_images(x)
-    if weight.ndim != 4:
-        raise ValueError(
-            "expected weight of shape [out_channels, in_channels, kh, kw], "
-            f"got {tuple(weight.shape)}"
-        )
+    _check_weight(weight)
     if weight.shape[1] != x.shape[1]:
         raise ValueError(
             f"weight expects {weight.shape[1]} input channels, but the input has {x.shape[1]}"
@@ -264,11 +266,7 @@ class LeNet5(nn.Module):
 # --------------------------------------------------------------------------- backward pass
 def _check_grad_out(grad_out: torch.Tensor, weight: torch.Tensor) -> None:
     _check_images(grad_out)
-    if weight.ndim != 4:
-        raise ValueError(
-            "expected weight of shape [out_channels, in_channels, kh, kw], "
-            f"got {tuple(weight.shape)}"
-        )
+    _check_weight(weight)
     if grad_out.shape[1] != weight.shape[0]:
         raise ValueError(
             f"grad_out has {grad_out.shape[1]} channels, but the weight has "

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .optim import ScratchOptimizer, _check_lr, _check_unit_interval
+from .optim import SGD
 
 Tensor = torch.Tensor
 
@@ -148,36 +148,30 @@ def l2_penalty(parameters: Iterable[Tensor], weight_decay: float) -> Tensor:
     return 0.5 * weight_decay * sum((p**2).sum() for p in params)
 
 
-class SGDWeightDecay(ScratchOptimizer):
+class SGDWeightDecay(SGD):
     r"""SGD with momentum and L2 weight decay, the update of ``torch.optim.SGD``.
 
     .. math:: g_t = \nabla L(\theta_{t-1}) + \lambda \theta_{t-1}, \qquad
-              b_t = \mu b_{t-1} + g_t, \qquad \theta_t = \theta_{t-1} - \eta b_t
+              b_t = \beta b_{t-1} + g_t, \qquad \theta_t = \theta_{t-1} - \eta b_t
 
-    with :math:`b_1 = g_1` (no dampening, no Nesterov). With :math:`\mu = 0` it is
+    with :math:`b_1 = g_1` (no dampening, no Nesterov). With :math:`\beta = 0` it is
     :math:`\theta \leftarrow (1 - \eta\lambda)\theta - \eta \nabla L`: every step shrinks
-    the weights by the factor :math:`1 - \eta\lambda`, hence "weight decay".
+    the weights by the factor :math:`1 - \eta\lambda`, hence "weight decay". The decay is
+    one more term in the gradient; the rest is chapter 2's :class:`aimodels.optim.SGD`.
     """
 
     def __init__(
         self, params: Iterable, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
     ) -> None:
-        _check_lr("SGDWeightDecay", lr)
-        _check_unit_interval("SGDWeightDecay", "momentum", momentum)
         if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
             raise ValueError(f"SGDWeightDecay: expected weight_decay >= 0, got "
                              f"weight_decay={weight_decay!r}")
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+        super().__init__(params, lr, momentum)
+        for group in self.param_groups:
+            group.setdefault("weight_decay", weight_decay)
 
     def update(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
-        step = grad.add(param, alpha=group["weight_decay"])
-        if group["momentum"] != 0:
-            if "velocity" not in state:
-                state["velocity"] = step.clone()
-            else:
-                state["velocity"].mul_(group["momentum"]).add_(step)
-            step = state["velocity"]
-        param.add_(step, alpha=-group["lr"])
+        super().update(param, grad.add(param, alpha=group["weight_decay"]), state, group)
 
 
 # --------------------------------------------------------------------------- training
