@@ -143,6 +143,21 @@ def copy_random_walk(delay, n, generator):
     return x, x[:, 0]
 
 
+def copy_scaled_uniform(delay, n, generator):  # mean 0 and variance 1, but not normal
+    x = (torch.rand(n, delay, 1, generator=generator) - 0.5) * math.sqrt(12)
+    return x, x[:, 0]
+
+
+def copy_narrow(delay, n, generator):  # standard deviation 0.96
+    x = 0.96 * torch.randn(n, delay, 1, generator=generator)
+    return x, x[:, 0]
+
+
+def copy_half_precision(delay, n, generator):
+    x = torch.randn(n, delay, 1, generator=generator).half()
+    return x, x[:, 0]
+
+
 def copy_uniform(delay, n, generator):
     x = torch.rand(n, delay, 1, generator=generator)
     return x, x[:, 0]
@@ -198,6 +213,9 @@ WRONG = [
     wrong(ex.ch05.check_copy_task, copy_random_walk, expect=["linear fit"], id="copy-random-walk"),
     wrong(ex.ch05.check_copy_task, copy_smoothed, expect=["linear fit"], id="copy-moving-average"),
     wrong(ex.ch05.check_copy_task, copy_uniform, expect=["torch.rand is uniform"], id="copy-uniform-noise"),
+    wrong(ex.ch05.check_copy_task, copy_scaled_uniform, expect=["beyond 2 standard deviations", "normal distribution itself"], id="copy-scaled-uniform"),
+    wrong(ex.ch05.check_copy_task, copy_narrow, expect=["expected 0 and 1", "standard normal noise"], id="copy-narrow-noise"),
+    wrong(ex.ch05.check_copy_task, copy_half_precision, expect=["torch.float16"], id="copy-half-precision"),
     wrong(ex.ch05.check_copy_task, copy_global_generator, expect=["generator you are given"], id="copy-global-generator"),
     wrong(ex.ch05.check_copy_task, copy_flat_target, expect=["keeps the feature axis"], id="copy-flat-target"),
     wrong(ex.ch05.check_copy_task, copy_no_feature_axis, expect=["add the feature axis"], id="copy-no-feature-axis"),

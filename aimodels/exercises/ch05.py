@@ -237,13 +237,23 @@ def check_copy_task(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> boo
             if abs(lag1) > 0.05:
                 raise NotYet(f"{where}: neighbouring values are correlated ({lag1:.2f}).",
                              "draw every value independently, with torch.randn.")
+            if x.dtype not in (torch.float32, torch.float64):
+                raise NotYet(f"{where}: the inputs are {x.dtype}.",
+                             "keep torch.randn's default float32 (or float64): a recurrent "
+                             "layer computes in those.")
             mean, std = x.double().mean().item(), x.double().std().item()
-            if abs(mean) > 0.05 or abs(std - 1) > 0.05:
+            if abs(mean) > 0.05 or abs(std - 1) > 0.025:
                 hint = ("torch.rand is uniform on [0, 1); the task uses standard normal noise, "
                         "torch.randn." if abs(mean - 0.5) < 0.05 else
                         "use standard normal noise, mean 0 and variance 1: torch.randn.")
                 raise NotYet(f"{where}: the inputs have mean {mean:.2f} and standard deviation "
                              f"{std:.2f}, expected 0 and 1.", hint)
+            tails = (x.double().abs() > 2).double().mean().item()  # 4.55% for N(0, 1)
+            if abs(tails - 0.0455) > 0.01:
+                raise NotYet(f"{where}: {tails:.2%} of the inputs lie beyond 2 standard "
+                             "deviations; a standard normal puts 4.55% there.",
+                             "mean 0 and variance 1 are not enough: draw from the normal "
+                             "distribution itself, torch.randn.")
             again, _ = _copy_batch(fn, delay, n, seed)
             other, _ = _copy_batch(fn, delay, n, seed + 1)
             if not torch.equal(again, x) or torch.equal(other, x):
