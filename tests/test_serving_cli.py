@@ -4,6 +4,7 @@ the --threads flag, and the delegation of ``loadtest``."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -98,3 +99,21 @@ def test_bad_command_lines_exit_with_usage_errors(capsys):
             main(argv)
         assert info.value.code == 2, argv
     assert "usage: aimodels" in capsys.readouterr().err
+
+
+def test_publish_tiny_gpt_with_steps_is_reproducible_and_reports_its_time(tmp_path, capsys):
+    states = []
+    for store_dir in ("a", "b"):
+        root = str(tmp_path / store_dir)
+        assert main(["store", "publish-example", "--store", root, "--model", "tiny-gpt",
+                     "--steps", "3"]) == 0
+        out = capsys.readouterr().out
+        assert "published tiny-gpt version 1 (aliases: production)" in out and "steps=3" in out
+        assert re.search(r"; \d+\.\d s in all$", out.strip()), out
+        states.append(ModelStore(root).load("tiny-gpt").tensors)
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"seconds and steps must be in \[1, 600\]"):
+        main(["store", "publish-example", "--store", str(tmp_path / "c"), "--model", "tiny-gpt",
+              "--steps", "0"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 
 __all__ = ["build_parser", "main"]
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "GPT, served on /v1")
     publish.add_argument("--seconds", type=float, default=30.0,
                          help="tiny-gpt only: training time budget in seconds (default: 30)")
+    publish.add_argument("--steps", type=int, default=None,
+                         help="tiny-gpt only: train exactly this many steps, which makes the "
+                         "model reproducible (default: as many as --seconds allows)")
     publish.add_argument("--store", required=True, help="model store folder (created if missing)")
     publish.add_argument("--name", default=None,
                          help="model name (default: the --model name)")
@@ -152,12 +156,13 @@ def _publish_tiny_gpt(args: argparse.Namespace) -> int:
 
     aliases = ["production"] if args.alias is None else args.alias
     store = ModelStore(args.store)
+    start = time.monotonic()
     version = publish_tiny_gpt(store, args.name, seconds=args.seconds, seed=args.seed,
-                               aliases=aliases)
+                               aliases=aliases, steps=args.steps)
     metrics = store.info(args.name, version)["metrics"]
     shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
     print(f"published {args.name} version {version} (aliases: {', '.join(aliases) or 'none'}) "
-          f"to {store.root}: {shown}")
+          f"to {store.root}: {shown}; {time.monotonic() - start:.1f} s in all")
     return 0
 
 

@@ -129,30 +129,30 @@ def load_tokenizer(data: bytes | str):
 
 
 def publish_tiny_gpt(store, name: str = "tiny-gpt", seconds: float = 30, seed: int = 0,
-                     aliases: Sequence[str] = ("production",)) -> int:
-    """Train chapter 9's tiny GPT for about ``seconds`` s and publish it; return the version.
+                     aliases: Sequence[str] = ("production",), steps: int | None = None) -> int:
+    """Train chapter 9's tiny GPT (``steps`` steps or about ``seconds`` s) and publish it.
 
     Chapter 9's corpus (the standard library's source, BPE with 512 tokens) and sizes
-    (context 64, width 96, 4 heads, 2 layers). The number of steps is chosen from the
-    time of a few trial steps so that training takes about ``seconds`` (at most 600
-    steps, chapter 9's schedule). The tokenizer's merges go in as the extra file
-    ``tokenizer.json``; ``aliases`` (default: production) point at the new version.
+    (context 64, width 96, 4 heads, 2 layers). Without ``steps``, their number is chosen
+    from the time of a few trial steps so that training takes about ``seconds`` (at most
+    600, chapter 9's schedule): reproducible models need ``steps``. The merges go in the file
+    ``tokenizer.json``; ``aliases`` (default: production) point at the new version, returned.
     """
     from aimodels import gpt
 
-    if not 1 <= seconds <= 600:
-        raise ValueError(f"seconds must be between 1 and 600, got {seconds!r}")
+    if not 1 <= seconds <= 600 or not (steps is None or 1 <= steps <= 600):
+        raise ValueError(f"seconds and steps must be in [1, 600], got {seconds!r}, {steps!r}")
     torch.manual_seed(seed)
     corpus = gpt.stdlib_token_streams(max_chars=1_200_000, vocab_size=512)
     tokenizer, train_ids, val_ids = corpus["tokenizer"], corpus["train"], corpus["val"]
     config = GPTConfig(vocab_size=tokenizer.vocab_size, context_length=64, d_model=96,
                        n_heads=4, n_layers=2)
     probe = GPT(config)  # time a few steps (after a warm-up, without evaluation)
-    for n in (2, 8):
+    for n in (2, 8) if steps is None else ():
         trial = gpt.pretrain(probe, train_ids, val_ids, steps=n, batch_size=32,
                              warmup_steps=1, eval_every=1000, progress=False, seed=seed)
-    per_step = trial["train_seconds"][0] / 8
-    steps = max(20, min(600, int(seconds * 0.9 / per_step)))
+    per_step = trial["train_seconds"][0] / 8 if steps is None else None
+    steps = int(steps) if steps is not None else max(20, min(600, int(seconds * 0.9 / per_step)))
     torch.manual_seed(seed)
     model = GPT(config)
     history = gpt.pretrain(model, train_ids, val_ids, steps=steps, batch_size=32,
