@@ -12,15 +12,18 @@ context 64, BPE vocabulary 512 over the standard library's source), trained here
   layer stay fp32);
 * int8, ``torch.ao.quantization.quantize_dynamic`` (``nn.Linear`` only);
 * ONNX Runtime: the fp32 export, and its dynamic int8 quantisation;
-* a distilled student (width 64, 2 layers) trained on the teacher's soft targets, and
-  the same student trained on the tokens alone, with the same loop and steps;
+* a distilled student (width 64, 2 layers) trained on the teacher's soft targets at
+  temperature 1 and the tokens (alpha = 0.5), and the same student trained on the tokens
+  alone, with the same loop, seed and steps;
 * the distilled student in int8 (ours).
 
 Columns: the number of weights (before quantisation), file size on disk (safetensors
 for PyTorch, the .onnx file for ONNX Runtime, ``torch.save`` for torch.ao, whose packed
 weights are not plain tensors), latency at
 batch 1 and batch 64 (sequences of 64 tokens) as a ratio against fp32 eager, the best of
-``--repeats`` runs measured side by side on one thread, and validation perplexity.
+``--repeats`` rounds in which every model is timed once in turn (side by side, one thread),
+and validation perplexity. It prints which rows meet the issue's bounds (:func:`check_bounds`)
+and exits with an error if no int8 path meets them.
 Writes book/figures/compress_gpt.csv. Run with ``python benchmarks/bench_compress.py``.
 """
 
@@ -56,8 +59,12 @@ def batches(ids: torch.Tensor, steps: int, batch: int, length: int, seed: int):
 
 
 def train_student(student: GPT, train_ids, steps: int, seed: int, teacher: GPT | None = None,
-                  temperature: float = 2.0, alpha: float = 0.5) -> None:
-    """AdamW with warm-up and cosine decay; the distillation loss if a teacher is given."""
+                  temperature: float = 1.0, alpha: float = 0.5) -> None:
+    """AdamW with warm-up and cosine decay; the distillation loss if a teacher is given.
+
+    T = 1: with the same loop, seed and 600 steps, T = 2 left the student worse than training
+    on the tokens alone (perplexity 35.36 against 33.27) and T = 1 better (28.93).
+    """
     optimizer = torch.optim.AdamW(student.parameters(), lr=3e-3, weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps,
                                                    pct_start=0.1)
@@ -78,14 +85,18 @@ def train_student(student: GPT, train_ids, steps: int, seed: int, teacher: GPT |
     student.eval()
 
 
-def best_time(f, x, repeats: int) -> float:
-    f(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def round_robin_best(callers, x, repeats: int) -> list[float]:
+    """Each caller's best time on ``x``, timed in turn, one call each per round, so that a slow
+    spell of the machine falls on every model alike (side by side), after one warm-up call."""
+    for f in callers:
         f(x)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    best = [math.inf] * len(callers)
+    for _ in range(repeats):
+        for i, f in enumerate(callers):
+            start = time.perf_counter()
+            f(x)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def perplexity_of(run, val_ids: torch.Tensor, length: int, vocab: int) -> float:
@@ -170,23 +181,54 @@ def run(steps: int = 600, repeats: int = 20, folder: Path = FIGURES) -> list[dic
 
     inputs = {n: torch.randint(0, config.vocab_size, (n, 64)) for n in (1, 64)}
     machine = f"{platform.machine()}, torch {torch.__version__}, 1 thread"
+    callers = [caller(model) for _, model, _, _ in rows_in]
     rows = []
     with torch.inference_mode():
-        base = {n: best_time(teacher, inputs[n], repeats) for n in (1, 64)}
-        for label, model, size, weights in rows_in:
-            f = caller(model)
+        best = {n: round_robin_best(callers, inputs[n], repeats) for n in (1, 64)}
+        for i, (label, _model, size, weights) in enumerate(rows_in):
             rows.append({
                 "model": label,
                 "weights": weights,
                 "file_bytes": size,
                 "smaller": round(rows_in[0][2] / size, 2),
-                "speed_b1": round(base[1] / best_time(f, inputs[1], repeats), 2),
-                "speed_b64": round(base[64] / best_time(f, inputs[64], repeats), 2),
-                "perplexity": round(perplexity_of(f, val_ids, 64, config.vocab_size), 3),
+                "speed_b1": round(best[1][0] / best[1][i], 2),
+                "speed_b64": round(best[64][0] / best[64][i], 2),
+                "perplexity": round(perplexity_of(callers[i], val_ids, 64, config.vocab_size), 3),
                 "machine": machine,
             })
     write_table(rows, TABLE, folder)
     return rows
+
+
+def check_bounds(rows: list[dict]) -> list[str]:
+    """The issue's bounds for the GPT, one line per row they apply to; each says PASS or FAIL.
+
+    int8: >= 3.5x smaller, >= 2.5x faster (batch 1 and 64, one thread), <= 1% relative
+    perplexity increase. Structured pruning after fine-tuning: >= 1.3x faster. Distillation:
+    the distilled student recovers at least half of the gap between the student trained
+    alone and the teacher.
+    """
+    by = {r["model"]: r for r in rows}
+    fp32 = by["fp32"]
+    lines = []
+    for r in rows:
+        if r["model"].startswith("int8"):
+            ok = (r["smaller"] >= 3.5 and min(r["speed_b1"], r["speed_b64"]) >= 2.5
+                  and r["perplexity"] <= 1.01 * fp32["perplexity"])
+            lines.append(f"{'PASS' if ok else 'FAIL'} {r['model']}: {r['smaller']}x smaller "
+                         f"(>= 3.5), {r['speed_b1']}x / {r['speed_b64']}x faster at batch 1 / 64 "
+                         f"(>= 2.5), perplexity {r['perplexity'] / fp32['perplexity'] - 1:+.2%} "
+                         "(<= +1%)")
+        elif r["model"].startswith("structured"):
+            ok = min(r["speed_b1"], r["speed_b64"]) >= 1.3
+            lines.append(f"{'PASS' if ok else 'FAIL'} {r['model']}: {r['speed_b1']}x / "
+                         f"{r['speed_b64']}x faster at batch 1 / 64 (>= 1.3)")
+    alone, distilled = by["student, tokens only"], by["distilled student"]
+    recovered = ((alone["perplexity"] - distilled["perplexity"])
+                 / (alone["perplexity"] - fp32["perplexity"]))
+    lines.append(f"{'PASS' if recovered >= 0.5 else 'FAIL'} distillation recovers "
+                 f"{recovered:.0%} of the gap from the student alone to the teacher (>= 50%)")
+    return lines
 
 
 def main() -> None:
@@ -200,13 +242,10 @@ def main() -> None:
     for r in rows:
         print(f"{r['model']:>45}{r['file_bytes']:>12,}{r['smaller']:>8}x{r['speed_b1']:>6}x"
               f"{r['speed_b64']:>6}x{r['perplexity']:>9}")
-    fp32 = rows[0]
-    for r in rows:
-        if r["model"].startswith("int8"):
-            ok = r["smaller"] >= 3.5 and r["speed_b64"] >= 2.5 \
-                and r["perplexity"] <= 1.01 * fp32["perplexity"]
-            print(f"{r['model']}: >= 3.5x smaller, >= 2.5x faster at batch 64, <= 1% "
-                  f"perplexity: {ok}")
+    lines = check_bounds(rows)
+    print("\n".join(lines))
+    if not any(line.startswith("PASS int8") for line in lines):
+        raise SystemExit("no int8 path meets the issue's bounds for the GPT")
 
 
 if __name__ == "__main__":
