@@ -8,7 +8,6 @@ import math
 import random
 import statistics
 from collections import Counter
-from fractions import Fraction
 
 import pytest
 from grader_helpers import accepts, broken, rejects, stub, wrong
@@ -22,15 +21,43 @@ def kv_blocks(lengths, block_size):  # the notebook's solution
     return sum(-(-n // block_size) for n in lengths)
 
 
-def ridge_batch(peak_flops, bandwidth, bytes_per_param):
-    return max(1, math.ceil(peak_flops * bytes_per_param / (2 * bandwidth)))
+def ridge_batch(n_params, bytes_per_param, kv_bytes, peak_flops, bandwidth):  # the notebook's
+    ridge = peak_flops / bandwidth
+    room = 2 * n_params - ridge * kv_bytes  # B * room >= ridge * bytes_per_param * n_params
+    if room <= 0:
+        return None
+    return max(1, math.ceil(ridge * bytes_per_param * n_params / room))
 
 
-def ridge_by_search(peak_flops, bandwidth, bytes_per_param):  # the definition, step by step
+def ridge_by_search(n_params, bytes_per_param, kv_bytes, peak_flops, bandwidth):
+    """The definition, step by step (after checking that the limit lies above the ridge)."""
+    ridge = peak_flops / bandwidth
+    if kv_bytes and 2 * n_params / kv_bytes <= ridge:
+        return None
+
+    def intensity(batch):
+        return 2 * batch * n_params / (bytes_per_param * n_params + batch * kv_bytes)
+
     batch = 1
-    while 2 * batch / bytes_per_param < peak_flops / bandwidth:
-        batch += 1
+    while intensity(batch) < ridge:
+        batch *= 2
+    low = batch // 2  # intensity(low) < ridge <= intensity(batch), or batch == 1
+    while batch - low > 1:
+        middle = (low + batch) // 2
+        low, batch = (low, middle) if intensity(middle) >= ridge else (middle, batch)
     return batch
+
+
+def ridge_without_kv(n, b, k, p, w):  # chapter 13's first formula: the weights only
+    return max(1, math.ceil(p * b / (2 * w)))
+
+
+def ridge_kv_once(n, b, k, p, w):  # one cache for the whole batch
+    return max(1, math.ceil(p / w * (b * n + k) / (2 * n)))
+
+
+def ridge_never_forgotten(n, b, k, p, w):  # the formula without the "no batch" case
+    return max(1, math.ceil(p / w * b * n / (2 * n - p / w * k)))
 
 
 def static_steps(lengths, max_batch):
@@ -231,13 +258,13 @@ WRONG = [
     wrong(ex.check_kv_blocks, lambda ls, b: sum(n // b + 1 for n in ls if n), expect=["fills its last block"], id="kv-multiple"),
     wrong(ex.check_kv_blocks, lambda ls, b: sum(max(1, math.ceil(n / b)) for n in ls), expect=["length 0"], id="kv-zero-length"),
     wrong(ex.check_kv_blocks, lambda ls, b: sum(n / b for n in ls), expect=["not a whole number"], id="kv-true-division"),
-    wrong(ex.check_ridge_batch, lambda p, w, b: math.ceil(p * b / w), expect=["2 FLOPs per parameter"], id="ridge-no-factor-2"),
-    wrong(ex.check_ridge_batch, lambda p, w, b: math.ceil(p / (2 * w)), expect=["per *byte*"], id="ridge-no-bytes"),
-    wrong(ex.check_ridge_batch, lambda p, w, b: max(1, math.floor(p * b / (2 * w))), expect=["round up"], id="ridge-floor"),
-    wrong(ex.check_ridge_batch, lambda p, w, b: int(p * b / (2 * w)), expect=["round up"], id="ridge-int"),
-    wrong(ex.check_ridge_batch, lambda p, w, b: math.floor(p * b / (2 * w)) + 1, expect=["*reaches*", "156"], id="ridge-strictly-above"),
-    wrong(ex.check_ridge_batch, lambda p, w, b: p / w, expect=["ridge point in FLOP/byte"], id="ridge-point"),
-    wrong(ex.check_ridge_batch, lambda p, w, b: math.ceil(p / w), expect=["ridge point in FLOP/byte"], id="ridge-point-rounded"),
+    wrong(ex.check_ridge_batch, ridge_without_kv, expect=["its own kv_bytes", "got 201, expected 255"], id="ridge-without-kv"),
+    wrong(ex.check_ridge_batch, ridge_kv_once, expect=["not kv_bytes once"], id="ridge-kv-once"),
+    wrong(ex.check_ridge_batch, ridge_never_forgotten, expect=["expected None", "never passes it"], id="ridge-never-forgotten"),
+    wrong(ex.check_ridge_batch, lambda n, b, k, p, w: None if 2 * n <= p / w * k else max(1, math.floor(p / w * b * n / (2 * n - p / w * k))), expect=["round up"], id="ridge-floor"),
+    wrong(ex.check_ridge_batch, lambda n, b, k, p, w: None if n <= p / w * k else max(1, math.ceil(p / w * b * n / (n - p / w * k))), expect=["2 FLOPs per parameter"], id="ridge-no-factor-2"),
+    wrong(ex.check_ridge_batch, lambda n, b, k, p, w: None if 2 * n <= p / w * k else max(1, math.ceil(p / w * n / (2 * n - p / w * k))), expect=["bytes_per_param × n_params"], id="ridge-no-bytes"),
+    wrong(ex.check_ridge_batch, lambda n, b, k, p, w: math.inf if 2 * n <= p / w * k else ridge_batch(n, b, k, p, w), expect=["got inf, expected None", "or None when"], id="ridge-inf-for-never"),
     wrong(ex.check_static_steps, ceil_total, expect=["*longest*"], id="static-ceil-of-total"),
     wrong(ex.check_static_steps, lambda ls, b: sum(statistics.mean(ls[i:i + b]) for i in range(0, len(ls), b)), expect=["not the average"], id="static-means"),
     wrong(ex.check_static_steps, lambda ls, b: max(ls, default=0) * math.ceil(len(ls) / b), expect=["its own longest"], id="static-global-max"),
@@ -267,7 +294,7 @@ WRONG = [
 RIGHT = [
     (ex.check_kv_blocks, kv_blocks), (ex.check_kv_blocks, lambda ls, b: sum(math.ceil(n / b) for n in ls)),
     (ex.check_ridge_batch, ridge_batch), (ex.check_ridge_batch, ridge_by_search),
-    (ex.check_ridge_batch, lambda p, w, b: max(1, math.ceil(p / w * b / 2))),
+    (ex.check_ridge_batch, lambda n, b, k, p, w: None if 2 * n * w <= p * k else max(1, math.ceil(p * b * n / (2 * n * w - p * k)))),
     (ex.check_static_steps, static_steps), (ex.check_static_steps, lambda ls, b: simulate(ls, b, refill=False)),
     (ex.check_continuous_steps, continuous_steps), (ex.check_continuous_steps, simulate),
     (ex.check_parse_sse, parse_sse), (ex.check_parse_sse, parse_sse_normalised),
@@ -327,26 +354,45 @@ def test_continuous_reference_matches_a_step_by_step_simulation():
                                                                   refill=False)
 
 
-def test_ridge_reference_is_exact_on_the_a100_boundary(capsys):
-    assert ch13._ridge_batch(312e12, 2.0e12, 2.0) == 156  # 2 × 156 / 2 = 156 FLOP/byte exactly
-    assert ch13._ridge_batch(312e12, 2.0e12, 1.0) == 78
-    assert ch13._ridge_batch(989e12, 3.35e12, 2.0) == 296
-    assert ch13._ridge_batch(1e12, 2e12, 1.0) == 1
-    out = rejects(capsys, ex.check_ridge_batch, lambda p, w, b: math.floor(p * b / (2 * w)) + 1)
-    assert "peak_flops=3.12e+14, bandwidth=2e+12, bytes_per_param=2: got 157, expected 156" in out
+LLAMA_8B = (8e9, 2.0)  # parameters, bytes each (bf16)
+KV_TOKEN = 131072.0  # Llama 3 8B: 32 layers x 8 KV heads x 128 x 2 (K and V) x 2 bytes
 
 
-def test_random_ridge_cases_are_far_from_a_rounding_boundary(capsys):
-    formulas = [ridge_batch, ridge_by_search, lambda p, w, b: max(1, math.ceil(p / w * b / 2)),
-                lambda p, w, b: max(1, math.ceil(b * p / w / 2)),
-                lambda p, w, b: max(1, -int(-(p * b) // (2 * w)))]
+def test_ridge_reference_on_the_fixed_cases(capsys):
+    a100 = (312e12, 1555e9)
+    assert ch13._ridge_batch(*LLAMA_8B, 128 * KV_TOKEN, *a100) == 255  # exactly 254.10...
+    assert ch13._ridge_batch(*LLAMA_8B, 0.0, *a100) == 201  # chapter 13's weights-only B*
+    assert ch13._ridge_batch(*LLAMA_8B, 0.0, 312e12, 2e12) == 156  # 2 × 156 / 2 = 156 exactly
+    assert ch13._ridge_batch(*LLAMA_8B, 8192 * KV_TOKEN, *a100) is None  # limit 14.9 < 200.6
+    assert ch13._ridge_batch(1e9, 2.0, 1e7, 300e12, 1.5e12) is None  # limit == ridge == 200
+    assert ch13._ridge_batch(1e9, 1.0, 1e6, 1e12, 2e12) == 1
+    # On the ridge exactly, ceil is right and "the next whole number" is one too many.
+    out = rejects(capsys, ex.check_ridge_batch,
+                  lambda n, b, k, p, w: ridge_batch(n, b, k, p, w) if k else
+                  math.floor(p / w * b / 2) + 1)
+    assert "kv_bytes=0, peak_flops=3.12e+14, bandwidth=2e+12: got 157, expected 156" in out
+    # A crash on the limit case (2N == R kv: a division by zero) is reported, not raised.
+    rejects(capsys, ex.check_ridge_batch, lambda n, b, k, p, w: ridge_batch(n, b, k, p, w)
+            if 2 * n != p / w * k else 1 / 0, expect=["raised ZeroDivisionError"])
+
+
+def test_random_ridge_cases_are_far_from_a_rounding_boundary_and_from_the_limit(capsys):
+    formulas = [
+        ridge_batch, ridge_by_search,
+        lambda n, b, k, p, w: None if 2 * n * w <= p * k else
+        max(1, math.ceil(p * b * n / (2 * n * w - p * k))),
+        lambda n, b, k, p, w: None if 2 * n <= p / w * k else
+        max(1, math.ceil(b / (2 / (p / w) - k / n))),
+    ]
     for seed in range(500):
-        for peak, bandwidth, bytes_per_param in ch13._random_ridge_cases(random.Random(seed)):
-            x = Fraction(peak) * Fraction(bytes_per_param) / (2 * Fraction(bandwidth))
-            assert abs(x - round(x)) > x / 10**9 or x.denominator == 1
-            assert Fraction(peak) == int(peak) < 2**53
+        cases = ch13._random_ridge_cases(random.Random(seed))
+        assert len(cases) == 6 and sum(ch13._ridge_batch(*c) is None for c in cases) == 1
+        for n, b, k, p, w in cases:
+            assert all(float(v).is_integer() and 0 < v < 2**53 for v in (n, k, p, w))
+            x = ch13._exact_kv_batch(n, b, k, p, w)
+            assert x is None or abs(x - round(x)) > x / 10**6
             for formula in formulas:
-                assert formula(peak, bandwidth, bytes_per_param) == math.ceil(x)
+                assert formula(n, b, k, p, w) == (None if x is None else math.ceil(x))
     for _ in range(20):
         for formula in formulas:
             accepts(capsys, ex.check_ridge_batch, formula)

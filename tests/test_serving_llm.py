@@ -66,7 +66,8 @@ async def collect(engine: LLMEngine, prompt, n, **kwargs) -> tuple[list[int], st
 
 @pytest.mark.parametrize("mode", ["continuous", "static"])
 def test_concurrent_greedy_equals_generate_alone(model, mode):
-    """Different prompt and reply lengths, few blocks (so some wait or get preempted)."""
+    """Different prompt and reply lengths, so few blocks that running sequences are
+    preempted (and recomputed later): every reply is still the one generate() gives."""
     g = torch.Generator().manual_seed(1)
     cases = [(torch.randint(0, model.config.vocab_size, (p,), generator=g).tolist(), n)
              for p, n in [(3, 20), (17, 5), (1, 30), (9, 12), (30, 25), (5, 1), (12, 40)]]
@@ -77,8 +78,10 @@ def test_concurrent_greedy_equals_generate_alone(model, mode):
 
     with engine:
         results = asyncio.run(run())
-        assert engine.stats() == {"running": 0, "decoding": 0, "tokens": 0, "waiting": 0,
-                                  "blocks_used": 0, "blocks_free": 10}
+        stats = engine.stats()
+    assert stats.pop("preemptions") > 0  # 10 blocks of 8 cannot hold 4 of these replies
+    assert stats == {"running": 0, "decoding": 0, "tokens": 0, "waiting": 0,
+                     "blocks_used": 0, "blocks_free": 10}
     for (prompt, n), (ids, _, reason) in zip(cases, results, strict=True):
         assert ids == greedy(model, prompt, n)
         assert reason == "length"
@@ -275,6 +278,34 @@ def test_bad_parameters_get_openai_shaped_400(served, body, param, words):
         client(server).completions.create(**request)
 
 
+def test_seed_and_top_p_over_http(served):
+    server, model, tokenizer = served
+    api = client(server)
+    prompt = "import os\n"
+
+    def sample(seed: int, top_p: float = 0.9) -> str:
+        reply = api.completions.create(model="tiny-gpt", prompt=prompt, max_tokens=20,
+                                       temperature=1.5, top_p=top_p, seed=seed)
+        assert reply.choices[0].finish_reason == "length"
+        return reply.choices[0].text
+
+    first, again, other = sample(3), sample(3), sample(4)
+    assert first == again  # the same seed, the same sampled text
+    assert other != first  # another seed draws other tokens (near-uniform over 300)
+    # A nucleus so small that it holds only the most likely token: greedy decoding.
+    greedy_text = tokenizer.decode(greedy(model, tokenizer.encode(prompt), 20))
+    assert sample(5, top_p=1e-9) == greedy_text != first
+
+
+def test_max_tokens_is_capped_by_the_context_left(served):
+    server, model, _ = served
+    prompt = [7] * 250  # the context is 256 tokens: 6 are left for the reply
+    reply = client(server).completions.create(model="tiny-gpt", prompt=prompt,
+                                              max_tokens=100, temperature=0)
+    assert reply.usage.completion_tokens == 6 and reply.choices[0].finish_reason == "length"
+    assert reply.usage.total_tokens == 256
+
+
 def test_unknown_model_is_404(served):
     server, _, _ = served
     with pytest.raises(openai.NotFoundError) as info:
@@ -315,6 +346,12 @@ def test_disconnect_mid_stream_frees_the_blocks(served):
     with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
+        # The reply holds blocks while it streams (the gauge follows after each step).
+        deadline = time.monotonic() + 5
+        while metric(server, "aimodels_llm_kv_blocks_used") == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert metric(server, "aimodels_llm_kv_blocks_used") > 0
+        assert metric(server, "aimodels_llm_running_sequences") == 1
     deadline = time.monotonic() + 10
     while metric(server, "aimodels_llm_kv_blocks_used") != 0 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -331,13 +368,41 @@ def test_metrics_and_the_v2_routes_still_work(served):
     text = httpx.get(server.url + "/metrics").text
     for name in ("aimodels_llm_time_to_first_token_seconds_bucket",
                  "aimodels_llm_inter_token_latency_seconds_count",
-                 "aimodels_llm_generated_tokens_total", "aimodels_llm_waiting_sequences"):
+                 "aimodels_llm_generated_tokens_total", "aimodels_llm_waiting_sequences",
+                 "aimodels_llm_preemptions_total"):
         assert f'{name}{{' in text, name
     body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
                         "data": [0.0] * 64}]}
     response = httpx.post(server.url + "/v2/models/digits/infer", json=body)
     assert response.status_code == 200 and response.json()["model_name"] == "digits"
     assert httpx.get(server.url + "/v2/models/tiny-gpt").status_code == 404
+
+
+def test_a_small_served_pool_preempts_and_replies_are_unchanged(tmp_path, tokenizer, model):
+    """Four blocks of 16 tokens for four replies of up to 58 tokens: the server preempts,
+    counts it on /metrics, and every reply is still the greedy reply of its prompt alone."""
+    store = ModelStore(tmp_path)
+    store.publish("tiny-gpt", model.state_dict(), gpt_config(model.config),
+                  aliases=["production"],
+                  extra_files={TOKENIZER_FILE: json.dumps(tokenizer.merges)})
+    prompts = [[i + 1, 5, 9, 2, 7, 3, 8, 4] for i in range(4)]
+
+    async def run(url: str) -> list[str]:
+        api = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        try:
+            replies = await asyncio.gather(*(
+                api.completions.create(model="tiny-gpt", prompt=p, max_tokens=50,
+                                       temperature=0) for p in prompts))
+        finally:
+            await api.close()
+        return [r.choices[0].text for r in replies]
+
+    args = ["--llm-num-blocks", "4", "--llm-max-batch", "4"]
+    with start_server(tmp_path, threads=1, extra_args=args) as server:
+        texts = asyncio.run(run(server.url))
+        assert metric(server, "aimodels_llm_preemptions_total") > 0
+        assert metric(server, "aimodels_llm_kv_blocks_used") == 0
+    assert texts == [tokenizer.decode(greedy(model, p, 50)) for p in prompts]
 
 
 def test_tokenizer_round_trips_through_the_stored_file(tokenizer):

@@ -72,6 +72,15 @@ def test_closed_loop_works_inside_a_running_event_loop(model):
     assert seconds > 0 and steps >= max(n for _, n in requests) - 1
 
 
+def test_closed_loop_counts_the_step_of_every_last_token(model):
+    """One client: every reply of n tokens takes exactly n - 1 decoding steps (its first
+    token comes from the prefill), the last step included, however fast the client is."""
+    requests = [([1, 2, 3], n) for n in (5, 2, 9, 1, 7)] * 4
+    with LLMEngine(model, num_blocks=16, block_size=16) as engine:
+        _, _, steps = run_closed_loop(engine, requests, concurrency=1)
+    assert steps == sum(n - 1 for _, n in requests)
+
+
 def test_compare_batching_and_prefix_caching(model):
     requests = workload(12, 64, "long-tailed", seed=2)
     result = compare_batching(model, requests, concurrency=4)

@@ -1,5 +1,5 @@
-"""Chapter 13 graders: paged KV blocks, the roofline's ridge batch, static and continuous
-batching, a Server-Sent Events stream and prefix caching."""
+"""Chapter 13 graders: paged KV blocks, the roofline's ridge batch with the KV cache counted,
+static and continuous batching, a Server-Sent Events stream and prefix caching."""
 
 from __future__ import annotations
 
@@ -159,86 +159,199 @@ def check_kv_blocks(fn: Callable[[list[int], int], int]) -> bool:
 
 
 # --------------------------------------------------------------------------- roofline
-def _exact_batch(peak: float, bandwidth: float, bytes_per_param: float) -> Fraction:
-    """peak × bytes_per_param / (2 × bandwidth), exactly: the batch at the ridge point."""
-    return Fraction(peak) * Fraction(bytes_per_param) / (2 * Fraction(bandwidth))
+RidgeCase = tuple[float, float, float, float, float]  # n_params, bytes, kv_bytes, peak, bw
 
 
-def _ridge_batch(peak: float, bandwidth: float, bytes_per_param: float) -> int:
-    return max(1, math.ceil(_exact_batch(peak, bandwidth, bytes_per_param)))
+def _exact_kv_batch(n_params: float, bytes_per_param: float, kv_bytes: float, peak: float,
+                    bandwidth: float) -> Fraction | None:
+    """The batch B, exactly, at which 2BN / (bN + B·kv) reaches P / W; None if none does.
+
+    B (2N - R kv) >= R b N with R = P / W: a batch reaches the ridge only if 2N > R kv,
+    i.e. only if the limit of the intensity as B grows, 2N / kv, lies above the ridge.
+    """
+    ridge = Fraction(peak) / Fraction(bandwidth)
+    room = 2 * Fraction(n_params) - ridge * Fraction(kv_bytes)
+    if room <= 0:
+        return None
+    return ridge * Fraction(bytes_per_param) * Fraction(n_params) / room
 
 
-def _ridge_slip(rule: Callable[[Fraction, float], float]) -> Callable[..., float]:
-    return lambda p, w, b: rule(_exact_batch(p, w, b), b)
+def _ridge_batch(n_params: float, bytes_per_param: float, kv_bytes: float, peak: float,
+                 bandwidth: float) -> int | None:
+    x = _exact_kv_batch(n_params, bytes_per_param, kv_bytes, peak, bandwidth)
+    return None if x is None else max(1, math.ceil(x))
 
 
-_RIDGE_POINT_HINT = ("peak_flops / bandwidth is the ridge point in FLOP/byte, not a batch "
-                     "size: find the smallest B whose intensity 2B / bytes_per_param reaches it.")
-_FLOOR_HINT = ("round up: B is the smallest whole batch with 2B / bytes_per_param >= "
-               "peak_flops / bandwidth; rounding down leaves the step memory-bound.")
+def _kv_slip(flops: int = 2, weight_bytes: bool = True, per_sequence: bool = True,
+             kv: bool = True, rounding: Callable[[Fraction], int] = math.ceil,
+             never: bool = True) -> Callable[..., int | None]:
+    """The reference with one thing done wrong: FLOPs per parameter, the weights' bytes,
+    the caches read once instead of once per sequence, the cache left out, the rounding,
+    or no "never" case (then max(1, ...) of whatever the formula gives)."""
+    def batch(n, b, k, p, w):
+        ridge = Fraction(p) / Fraction(w)
+        n, k = Fraction(n), Fraction(k) if kv else Fraction(0)
+        weights = n * Fraction(b) if weight_bytes else n
+        if per_sequence:  # B (flops N - R k) >= R weights
+            room = flops * n - ridge * k
+            if room <= 0 and never:
+                return None
+            return max(1, rounding(ridge * weights / room))
+        return max(1, rounding(ridge * (weights + k) / (flops * n)))  # flops B N >= R (w + k)
+    return batch
 
-_RIDGE_SLIPS: list[Slip] = [
-    ("a step does 2 FLOPs per parameter and sequence (a multiply and an add): the "
-     "intensity is 2B / bytes_per_param, so B = ridge × bytes_per_param / 2, rounded up.",
-     _ridge_slip(lambda x, b: max(1, math.ceil(2 * x)))),
-    ("the intensity is FLOPs per *byte*: the 2B FLOPs per parameter are divided by the "
-     "bytes_per_param bytes each parameter takes.",
-     _ridge_slip(lambda x, b: max(1, math.ceil(x / Fraction(b))))),
-    (_FLOOR_HINT, _ridge_slip(lambda x, b: max(1, math.floor(x)))),
-    (_FLOOR_HINT, _ridge_slip(lambda x, b: math.floor(x))),
-    ("the step is compute-bound once its intensity *reaches* the ridge (>=, not >): at "
-     "exactly the ridge, B = ridge × bytes_per_param / 2 is enough.",
-     _ridge_slip(lambda x, b: math.floor(x) + 1)),
-    (_RIDGE_POINT_HINT, _ridge_slip(lambda x, b: float(2 * x / Fraction(b)))),
-    (_RIDGE_POINT_HINT, _ridge_slip(lambda x, b: math.ceil(2 * x / Fraction(b)))),
+
+_FLOOR_HINT = ("round up: B is the smallest whole batch whose intensity reaches the ridge; "
+               "rounding down leaves the step memory-bound.")
+_NEVER_HINT = ("as B grows, the intensity 2BN / (bN + B·kv_bytes) rises towards 2N / kv_bytes "
+               "and never passes it: if that limit is not above the ridge peak_flops / "
+               "bandwidth, no batch is compute-bound, and the answer is None.")
+
+_RIDGE_SLIPS: list[tuple[str, Callable[..., int | None]]] = [
+    ("the KV cache is read too: every sequence reads its own kv_bytes at every step, so a "
+     "batch of B reads b·N + B·kv_bytes bytes. The weights are shared by the batch; the "
+     "caches are not.", _kv_slip(kv=False)),
+    ("every sequence has a cache of its own: B sequences read B × kv_bytes, not kv_bytes "
+     "once.", _kv_slip(per_sequence=False)),
+    (_NEVER_HINT, _kv_slip(never=False)),
+    (_FLOOR_HINT, _kv_slip(rounding=math.floor)),
+    ("a step does 2 FLOPs per parameter and sequence (a multiply and an add): 2BN FLOPs "
+     "for a batch of B.", _kv_slip(flops=1)),
+    ("the weights take bytes_per_param bytes each: reading them costs "
+     "bytes_per_param × n_params bytes.", _kv_slip(weight_bytes=False)),
 ]
+_RIDGE_HINT = ("B is the smallest whole number with 2·B·n_params / (bytes_per_param·n_params "
+               "+ B·kv_bytes) >= peak_flops / bandwidth, or None if no B reaches it.")
 
 
-def _far_from_whole(x: Fraction, rel: Fraction = Fraction(1, 10**9)) -> bool:
+def _ridge_label(n: float, b: float, k: float, p: float, w: float) -> str:
+    return (f"n_params={n:.4g}, bytes_per_param={b:g}, kv_bytes={k:.10g}, peak_flops={p:.4g}, "
+            f"bandwidth={w:.4g}")
+
+
+def _ridge_answer(raw: object) -> float | None | str:
+    """The learner's answer: None, a finite number, or "bad" for anything else."""
+    if raw is None:
+        return None
+    value = _real(raw)
+    return "bad" if value is None else value
+
+
+def _slip_gives(slip: Callable[..., int | None], case: RidgeCase, answer: object) -> bool:
+    try:
+        expected = slip(*case)
+    except ZeroDivisionError:
+        return False
+    if expected is None or answer is None:
+        return expected is answer
+    return math.isclose(float(expected), float(answer), rel_tol=1e-9, abs_tol=1e-9)
+
+
+def _grade_ridge(fn: Callable[..., Any], cases: Sequence[RidgeCase]) -> None:
+    """``NotYet`` at the first case where ``fn`` is not the reference; names the slip that
+    gives the learner's answers on every case it answers, if one does."""
+    for index, case in enumerate(cases):
+        label = _ridge_label(*case)
+        raw = _call_on(label, fn, *case, hint=_RIDGE_HINT)
+        got, expected = _ridge_answer(raw), _ridge_batch(*case)
+        if got is not None and got != "bad" and expected is not None and got == expected:
+            continue
+        if got is None and expected is None:
+            continue
+        if got == "bad":
+            if isinstance(raw, float | int) or isinstance(raw, torch.Tensor):
+                raise NotYet(f"{label}: got {raw!r:.40}, expected "
+                             f"{expected if expected is not None else 'None'}.",
+                             "return a whole number, or None when no batch reaches the ridge.")
+            _whole_number(label, raw)  # raises: says what arrived instead of a number
+        answers = [(c, _ridge_batch(*c)) for c in cases[:index]] + [(case, got)]
+        for later in cases[index + 1:]:
+            try:
+                other = _ridge_answer(call(fn, *later))
+            except NotYet:
+                break
+            if other == "bad":
+                break
+            answers.append((later, other))
+        named = next((h for h, slip in _RIDGE_SLIPS
+                      if all(_slip_gives(slip, c, a) for c, a in answers)), None)
+        if expected is None:
+            raise NotYet(f"{label}: got {got:g}, expected None: no batch reaches the ridge "
+                         "here.", named or _NEVER_HINT)
+        if got is None:
+            raise NotYet(f"{label}: got None, expected a batch of {expected}: here the "
+                         "intensity does reach the ridge.", named or _RIDGE_HINT)
+        if not float(got).is_integer():
+            _whole_number(label, raw)  # raises: a batch is a whole number
+        raise NotYet(f"{label}: got {int(got)}, expected {expected}.", named or _RIDGE_HINT)
+
+
+def _far_from_whole(x: Fraction, rel: Fraction = Fraction(1, 10**6)) -> bool:
     """True when x is not within ``rel`` (relative) of a whole number: ceil is unambiguous."""
     return abs(x - round(x)) > rel * x
 
 
-def _random_ridge_cases(rng: random.Random) -> list[tuple[float, float, float]]:
-    """Peaks of 20 to 2000 TFLOP/s, 0.3 to 8 TB/s, 0.5 to 4 bytes a parameter, none near a
-    rounding boundary; then one case exactly on the ridge, where only ceil is right. Every
-    float is a whole number of FLOP/s or bytes/s below 2**53, so the usual float formulas
-    give the exact answer."""
-    cases: list[tuple[float, float, float]] = []
-    while len(cases) < 5:
-        peak, bandwidth = rng.randint(20, 2000) * 1e12, rng.randint(30, 800) * 1e10
-        bytes_per_param = rng.choice((0.5, 1.0, 2.0, 4.0))
-        x = _exact_batch(peak, bandwidth, bytes_per_param)
-        if x > 1 and _far_from_whole(x):
-            cases.append((peak, bandwidth, bytes_per_param))
-    batch, bandwidth_units = rng.randint(20, 400), rng.randint(30, 500)
-    bytes_per_param = rng.choice((0.5, 4.0))  # where the ridge is not the batch
-    peak = Fraction(2 * batch * bandwidth_units * 10**10) / Fraction(bytes_per_param)
-    cases.insert(rng.randrange(6), (float(peak), bandwidth_units * 1e10, bytes_per_param))
+def _random_ridge_cases(rng: random.Random) -> list[RidgeCase]:
+    """Models of 0.1 to 80 billion parameters in 0.5, 2 or 4 bytes each, caches of 64 KiB
+    to 256 MiB per sequence, peaks of 20 to 2000 TFLOP/s and 0.3 to 8 TB/s: five cases
+    that reach the ridge (the batch far from a rounding boundary and from the limit, so
+    the usual float formulas give the exact answer) and one that never does.
+    Every number is a whole number below 2**53."""
+    finite: list[RidgeCase] = []
+    never: list[RidgeCase] = []
+    while len(finite) < 5 or not never:
+        case = (rng.randint(1, 800) * 1e8, rng.choice((0.5, 2.0, 4.0)),
+                rng.randint(1, 4096) * 65536.0, rng.randint(20, 2000) * 1e12,
+                rng.randint(30, 800) * 1e10)
+        n, _, kv, peak, bandwidth = case
+        margin = (2 * Fraction(n) - Fraction(peak) / Fraction(bandwidth) * Fraction(kv)) / (2 * n)
+        x = _exact_kv_batch(*case)
+        if x is None and margin < Fraction(-1, 20) and not never:
+            never.append(case)
+        elif x is not None and margin > Fraction(1, 20) and x > 1 and _far_from_whole(x) \
+                and len(finite) < 5:
+            finite.append(case)
+    cases = finite
+    cases.insert(rng.randrange(1, 6), never[0])  # not first: a None there says little
     return cases
 
 
-@grader
-def check_ridge_batch(fn: Callable[[float, float, float], int]) -> bool:
-    """Ch. 13, exercise 2: ``fn(peak_flops, bandwidth, bytes_per_param)`` is the smallest
-    batch B >= 1 at which a decoding step is compute-bound: its intensity 2B /
-    bytes_per_param FLOP/byte reaches the ridge point peak_flops / bandwidth.
+# Llama 3 8B in bf16 (8e9 parameters; 131,072 bytes of keys and values per token).
+_LLAMA = (8e9, 2.0)
+_KV_TOKEN = 131072.0
 
-    Checked on A100- and H100-like numbers (one exactly on the ridge) and on random ones.
+
+@grader
+def check_ridge_batch(fn: Callable[[float, float, float, float, float], int | None]) -> bool:
+    """Ch. 13, exercise 2: ``fn(n_params, bytes_per_param, kv_bytes, peak_flops, bandwidth)``
+    is the smallest batch B >= 1 at which a decoding step is compute-bound once the KV
+    cache is counted: its intensity 2·B·n_params / (bytes_per_param·n_params +
+    B·kv_bytes) reaches the ridge point peak_flops / bandwidth; None if no batch does
+    (when 2·n_params / kv_bytes is not above the ridge).
+
+    Checked on Llama-3-8B-like numbers on A100-like and H100-like peaks (one exactly on
+    the ridge without a cache, one exactly at the limit), and on random ones.
     """
-    cases = [(312e12, 2.0e12, 2.0), (312e12, 2.0e12, 1.0), (312e12, 2.0e12, 4.0),
-             (989e12, 3.35e12, 2.0), (989e12, 3.35e12, 0.5), (1e12, 2e12, 1.0),
-             (2e12, 1e12, 1.0)]
+    cases: list[RidgeCase] = [
+        (*_LLAMA, 128 * _KV_TOKEN, 312e12, 1555e9),  # 128 tokens a sequence: 255
+        (*_LLAMA, 0.0, 312e12, 2e12),  # no cache: exactly on the ridge at 156
+        (*_LLAMA, 8192 * _KV_TOKEN, 312e12, 1555e9),  # 8,192 tokens: never
+        (70e9, 1.0, 512 * 327680.0, 989e12, 3.35e12),  # 70B in 8 bits, 512 tokens: 229
+        (1e9, 2.0, 1e7, 300e12, 1.5e12),  # the limit 2N / kv is exactly the ridge: never
+        (3.4e6, 4.0, 128 * 8192.0, 97e9, 35e9),  # a small fp32 GPT on a CPU core: 10
+        (1e9, 1.0, 1e6, 1e12, 2e12),  # a ridge below 1 FLOP/byte: batch 1 will do
+    ]
     cases += _random_ridge_cases(fresh_rng())
-    _grade_counts(fn, cases, _ridge_batch, _RIDGE_SLIPS,
-                  lambda p, w, b: f"peak_flops={p:.4g}, bandwidth={w:.4g}, bytes_per_param={b:g}",
-                  "B is the smallest whole number with 2B / bytes_per_param >= "
-                  "peak_flops / bandwidth.")
-    a100 = _ridge_batch(312e12, 1555e9, 2.0)
-    return _report(True, f"on an A100 40GB (312 TFLOP/s bf16, 1,555 GB/s) a decoding step with "
-                         f"bf16 weights is memory-bound below a batch of {a100}: until then, "
-                         "more sequences in a batch cost almost no extra time, which is why "
-                         "servers batch.")
+    _grade_ridge(fn, cases)
+    short, long = (_ridge_batch(*_LLAMA, t * _KV_TOKEN, 312e12, 1555e9) for t in (128, 8192))
+    bare = _ridge_batch(*_LLAMA, 0.0, 312e12, 1555e9)
+    limit = 2 * _LLAMA[0] / (8192 * _KV_TOKEN)
+    return _report(True, f"for Llama 3 8B in bf16 on an A100 40GB (312 TFLOP/s, 1,555 GB/s) "
+                         f"the weights alone reach the ridge at a batch of {bare}; with 128 "
+                         f"tokens of KV cache a sequence it takes {short}, and at 8,192 tokens "
+                         f"{long if long is not None else 'no batch'} does: the intensity "
+                         f"cannot pass 2N / kv = {limit:.1f} FLOP/byte, so long-context "
+                         "decoding stays memory-bound whatever the batch.")
 
 
 # --------------------------------------------------------------------------- batching

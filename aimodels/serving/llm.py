@@ -22,7 +22,9 @@ vLLM) schedules at every decoding step instead:
    values cached) and gets its first token;
 2. *preempt* if the running sequences need more new blocks than are free: the youngest
    gives all its blocks back and waits; when readmitted its prompt and the tokens it had
-   generated are prefilled again (recomputation), so its reply does not change;
+   generated are prefilled again (recomputation), so its reply does not change
+   (counted by ``stats()["preemptions"]`` and, on a server, by the counter
+   ``aimodels_llm_preemptions_total``);
 3. *decode* one token for every running sequence in one batched step
    (:func:`~aimodels.serving.paged.decode_step`);
 4. *retire* finished or cancelled sequences and free their blocks for the next step.
@@ -311,6 +313,7 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
+        self.preemptions = 0  # sequences sent back to wait because blocks ran out
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> LLMEngine:
@@ -344,7 +347,9 @@ class LLMEngine:
 
         ``running`` counts the rows of the batch; ``decoding`` those still generating
         (in a static batch the others are padding until the longest reply ends);
-        ``tokens`` the tokens whose keys and values the running sequences hold.
+        ``tokens`` the tokens whose keys and values the running sequences hold;
+        ``preemptions`` how often, since the engine was made, a running sequence gave its
+        blocks back to wait and be recomputed.
         """
         with self._lock:
             return {"running": len(self._running),
@@ -353,7 +358,8 @@ class LLMEngine:
                                   if s.id in self.cache),
                     "waiting": len(self._waiting) + len(self._inbox),
                     "blocks_used": self.cache.num_blocks - self.cache.num_free_blocks,
-                    "blocks_free": self.cache.num_free_blocks}
+                    "blocks_free": self.cache.num_free_blocks,
+                    "preemptions": self.preemptions}
 
     # ------------------------------------------------------------------ requests
     def check_request(self, n_prompt: int, max_tokens: int) -> None:
@@ -553,14 +559,15 @@ class LLMEngine:
                 self._running.remove(victim)
                 cache.free_sequence(victim.id)
                 victim.preempted += 1
+                self.preemptions += 1
                 self._waiting.insert(0, victim)
         if batch:
             padding = {s.id: s.context[cache.length(s.id) - 1]
                        for s in self._running if s.finished}  # static batching only
             logits = decode_step(self.model, cache, [s.id for s in batch],
                                  [s.output[-1] for s in batch], padding=padding)
+            self.steps += 1  # before the tokens go out: their clients find the step counted
             self._push(batch, self._sample(batch, logits))
-            self.steps += 1
         self._report()
 
     def _report(self) -> None:
@@ -646,12 +653,15 @@ class LLMService:
         if self.metrics is None:
             return None
         m = self.metrics
+        counted = {"preemptions": 0}  # what the counter already holds
 
         def update(stats: dict[str, int]) -> None:
             m.llm_running.labels(name).set(stats["running"])
             m.llm_waiting.labels(name).set(stats["waiting"])
             m.llm_kv_blocks_used.labels(name).set(stats["blocks_used"])
             m.llm_kv_blocks_free.labels(name).set(stats["blocks_free"])
+            m.llm_preemptions.labels(name).inc(stats["preemptions"] - counted["preemptions"])
+            counted["preemptions"] = stats["preemptions"]
 
         return update
 

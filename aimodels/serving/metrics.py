@@ -23,6 +23,8 @@ metric                                              type       answers
 ``aimodels_llm_running_sequences{model}``           gauge      the decoding batch size
 ``aimodels_llm_waiting_sequences{model}``           gauge      requests not yet admitted
 ``aimodels_llm_kv_blocks_used{model}``, ``_free``   gauge      KV-cache memory pressure
+``aimodels_llm_preemptions_total{model}``           counter    sequences sent back to wait
+                                                               when KV blocks ran out
 ==================================================  =========  ==========================
 
 The ``aimodels_llm_*`` metrics belong to the language models of chapter 13
@@ -148,6 +150,11 @@ class ServiceMetrics:
         )
         self.llm_kv_blocks_free = Gauge(
             "aimodels_llm_kv_blocks_free", "KV-cache blocks free.", ["model"], registry=r,
+        )
+        self.llm_preemptions = Counter(
+            "aimodels_llm_preemptions",
+            "Running sequences preempted (blocks given back, recomputed later) for lack of "
+            "KV-cache blocks.", ["model"], registry=r,
         )
 
     def observe_request(self, model: str, status: int, seconds: float) -> None:
