@@ -166,9 +166,9 @@ def to_onnx(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
 def quantize_int8(fp32_path: PathLike, int8_path: PathLike) -> Path:
     """ONNX Runtime's dynamic int8 quantisation (chapter 11's ``ort_quantize_dynamic``).
 
-    It quantises the weights of ``MatMul``/``Gemm`` and also of ``Gather``, the
-    embedding lookup, to int8 with one scale per tensor; activations are quantised at
-    run time. Returns ``int8_path``.
+    It quantises the weights of ``MatMul``/``Gemm`` to int8 and those of ``Gather``, the
+    embedding lookup, to uint8, with one scale per tensor; activations are quantised to
+    uint8 at run time. Returns ``int8_path``.
     """
     return ort_quantize_dynamic(fp32_path, int8_path)
 

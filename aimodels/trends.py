@@ -180,3 +180,14 @@ def cost_per_million_tokens(tokens_per_second: float, price_per_hour: float) -> 
     _positive("tokens_per_second", tokens_per_second)
     _positive("price_per_hour", price_per_hour)
     return price_per_hour / (SECONDS_PER_HOUR * tokens_per_second) * 1e6
+
+
+# --------------------------------------------------------------------------- a cited price
+#: Google Cloud Run's list price, in USD, for one vCPU allocated all the time (CPU "always
+#: allocated", billed per instance) in its Tier 1 regions, such as us-central1 (Iowa), as
+#: the pricing page lists it: 0.000018 per vCPU-second. That is 25% below the 0.000024 it
+#: charges when CPU is allocated only during requests, the cut announced on 13 September
+#: 2021. Memory, requests and network traffic are billed on top. Chapters 14 and 15 use it
+#: as the hourly price of a busy vCPU (``CLOUD_RUN_USD_PER_VCPU_HOUR``, 0.0648).
+CLOUD_RUN_USD_PER_VCPU_SECOND = 0.000018
+CLOUD_RUN_USD_PER_VCPU_HOUR = CLOUD_RUN_USD_PER_VCPU_SECOND * SECONDS_PER_HOUR

@@ -147,7 +147,7 @@ def test_the_package_re_exports_every_chapter_grader():
     from aimodels.exercises import check_weights_gb
 
     by_chapter = [name for module in ex.CHAPTERS.values() for name in module.__all__]
-    assert sorted(by_chapter) == sorted(ex.__all__) and len(set(by_chapter)) == len(by_chapter) == 67
+    assert sorted(by_chapter) == sorted(ex.__all__) and len(set(by_chapter)) == len(by_chapter) == 68
     for name in ex.__all__:
         assert getattr(ex, name).__module__.startswith("aimodels.exercises.ch")
         assert getattr(ex, name).__doc__.startswith("Ch. ")

@@ -9,6 +9,8 @@ import pytest
 import torch
 from grader_helpers import accepts, broken, rejects, stub, wrong
 
+from aimodels import explain
+from aimodels.data import digits
 from aimodels.exercises import ch15
 
 # --------------------------------------------------------------------------- answers
@@ -21,6 +23,28 @@ TOTAL, ACTIVE = SHARED + L * E * EXPERT, SHARED + L * K * EXPERT  # written out 
 
 FLOPS = 6 * 70e9 * 2e12
 MWH = FLOPS / (989e12 * 0.4) * 700 * 1.1 / 3.6e9
+
+
+# Exercise 4: a small MLP with fixed random weights is enough to tell the baselines apart.
+with torch.random.fork_rng():
+    torch.manual_seed(0)
+    MLP = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                              torch.nn.Linear(32, 10)).eval()
+DIGITS = digits()
+X, Y = DIGITS["X_test"][:8], DIGITS["y_test"][:8]
+MEAN = DIGITS["X_train"].mean(0, keepdim=True)
+IG_BLANK = explain.integrated_gradients(MLP, X, Y, steps=128)
+IG_MEAN = explain.integrated_gradients(MLP, X, Y, baseline=MEAN, steps=128)
+FLIPS = int(((IG_MEAN * IG_BLANK) < 0).sum())  # the notebook's solution
+
+
+def ig_case(ig_mean=IG_MEAN, flipped=FLIPS, model=MLP):
+    return (ig_mean, flipped, model, X, Y)
+
+
+class Broken(torch.nn.Module):
+    def forward(self, x):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
 
 def cost(tps, price):  # the notebook's solution
@@ -45,6 +69,12 @@ def test_right_answers_pass(capsys):
     accepts(capsys, ch15.check_training_energy, round(MWH))
     accepts(capsys, ch15.check_cost_per_million, cost)
     accepts(capsys, ch15.check_cost_per_million, cost_per_token_first)
+    accepts(capsys, ch15.check_ig_baseline, *ig_case())
+    # fewer steps, the count as a tensor computed from the learner's own two tensors
+    ig64 = explain.integrated_gradients(MLP, X, Y, baseline=MEAN)
+    blank64 = explain.integrated_gradients(MLP, X, Y)
+    accepts(capsys, ch15.check_ig_baseline, *ig_case(ig64, ((ig64 * blank64) < 0).sum()))
+    accepts(capsys, ch15.check_ig_baseline, *ig_case(IG_MEAN.numpy(), float(FLIPS)))
 
 
 WRONG = [
@@ -92,6 +122,34 @@ WRONG = [
           expect=("thousand",), id="c-thousand"),
     wrong(ch15.check_cost_per_million, lambda t, p: t / (3600 * p) * 1e6, expect=("swapped",),
           id="c-swapped"),
+    wrong(ch15.check_ig_baseline, *ig_case(IG_BLANK), expect=("blank (all-zero) baseline",),
+          id="ig-blank-baseline"),
+    wrong(ch15.check_ig_baseline,
+          *ig_case(explain.integrated_gradients(MLP, X, Y, baseline=X.mean(0, keepdim=True),
+                                                steps=128)),
+          expect=("mean *training* image",), id="ig-test-mean"),
+    wrong(ch15.check_ig_baseline,
+          *ig_case(explain.integrated_gradients(MLP, X, Y, baseline=torch.full_like(
+              MEAN, float(MEAN.mean())), steps=128)),
+          expect=("one grey level",), id="ig-scalar-baseline"),
+    wrong(ch15.check_ig_baseline,
+          *ig_case(explain.integrated_gradients(MLP, MEAN.expand_as(X), Y, baseline=X,
+                                                steps=128)),
+          expect=("reversed",), id="ig-swapped"),
+    wrong(ch15.check_ig_baseline, *ig_case(IG_MEAN / (X - MEAN).abs().clamp(min=0.1)),
+          expect=("does not add up",), id="ig-no-x-minus-baseline"),
+    wrong(ch15.check_ig_baseline, *ig_case(flipped=int(((IG_MEAN * IG_BLANK) <= 0).sum())),
+          expect=("not <= 0",), id="ig-count-zeros"),
+    wrong(ch15.check_ig_baseline,
+          *ig_case(flipped=int((IG_MEAN.sign() != IG_BLANK.sign()).sum())),
+          expect=("has no sign",), id="ig-sign-differs"),
+    wrong(ch15.check_ig_baseline, *ig_case(flipped=((IG_MEAN * IG_BLANK) < 0).float().mean()),
+          expect=("fraction",), id="ig-fraction"),
+    wrong(ch15.check_ig_baseline,
+          *ig_case(flipped=int(((IG_BLANK > 0) & (IG_MEAN < 0)).sum())),
+          expect=("both directions",), id="ig-one-direction"),
+    wrong(ch15.check_ig_baseline, *ig_case(flipped=int(((IG_MEAN * IG_BLANK) > 0).sum())),
+          expect=("keep their sign",), id="ig-same-sign"),
 ]
 
 
@@ -104,6 +162,24 @@ def test_wrong_answers_are_rejected(capsys, check, args, expect):
 def test_number_stubs_get_not_yet(capsys, answer):
     rejects(capsys, ch15.check_training_energy, answer)
     rejects(capsys, ch15.check_moe_parameters, answer)
+
+
+@pytest.mark.parametrize("case", [ig_case(...), ig_case(None), ig_case(flipped=...),
+                                  ig_case(flipped="95"), ig_case(IG_MEAN[:4]),
+                                  ig_case(IG_MEAN.long()), ig_case(model=Broken().eval()),
+                                  ig_case(model=torch.nn.Sequential(torch.nn.Flatten(),
+                                                                    torch.nn.Dropout(),
+                                                                    torch.nn.Linear(64, 10)))])
+def test_ig_stubs_and_errors_get_not_yet(capsys, case):
+    rejects(capsys, ch15.check_ig_baseline, *case)
+
+
+def test_ig_reference_counts_differ_from_every_slip():
+    """The slips are told apart only if their counts differ from the right one."""
+    slips = [((IG_MEAN * IG_BLANK) <= 0), (IG_MEAN.sign() != IG_BLANK.sign()),
+             ((IG_BLANK > 0) & (IG_MEAN < 0)), ((IG_MEAN * IG_BLANK) > 0)]
+    assert all(abs(int(s.sum()) - FLIPS) > 1 for s in slips)
+    assert 0 < FLIPS < X.numel()
 
 
 @pytest.mark.parametrize("fn", [stub, broken, lambda t, p: "cheap", 42])

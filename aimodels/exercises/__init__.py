@@ -90,7 +90,12 @@ from .ch13 import (
     check_static_steps,
 )
 from .ch14 import check_cloud_latency, check_crossover_flops, check_int8_size, check_shape_accepts
-from .ch15 import check_cost_per_million, check_moe_parameters, check_training_energy
+from .ch15 import (
+    check_cost_per_million,
+    check_ig_baseline,
+    check_moe_parameters,
+    check_training_energy,
+)
 
 CHAPTERS = {
     1: ch01, 2: ch02, 3: ch03, 4: ch04, 5: ch05, 6: ch06, 7: ch07, 8: ch08, 9: ch09,
@@ -105,9 +110,9 @@ __all__ = [
     "check_continuous_steps", "check_conv2d", "check_conv_output_size", "check_copy_task",
     "check_cost_per_million", "check_crossover_flops", "check_distinct_n",
     "check_double_softmax_floor", "check_embedding_matmul", "check_extrapolation",
-    "check_full_range", "check_he_std", "check_int8_size", "check_inverted_dropout",
-    "check_kd_loss", "check_kv_blocks", "check_kv_cache_gb", "check_littles_law",
-    "check_max_stable_lr", "check_mha_parameters", "check_mlp_parameters",
+    "check_full_range", "check_he_std", "check_ig_baseline", "check_int8_size",
+    "check_inverted_dropout", "check_kd_loss", "check_kv_blocks", "check_kv_cache_gb",
+    "check_littles_law", "check_max_stable_lr", "check_mha_parameters", "check_mlp_parameters",
     "check_moe_parameters", "check_nearest_rank", "check_numerical_grad", "check_pad_batch",
     "check_parse_sse", "check_pe_norm", "check_per_channel_quantize", "check_perplexity",
     "check_post_ln", "check_pruned_size", "check_psi", "check_receptive_field",

@@ -1,5 +1,6 @@
 """Chapter 15 graders: the parameters of a mixture-of-experts model, the energy of a
-training run, and the price of a million generated tokens."""
+training run, the price of a million generated tokens, and integrated gradients with
+another baseline."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
-from aimodels import trends
+from aimodels import explain, trends
 
-from ._common import NotYet, _judge_number, _number, _report, call, fresh_rng, grader
+from ._common import NotYet, _judge_number, _number, _report, _whole_number, call, fresh_rng, grader
 
-__all__ = ["check_cost_per_million", "check_moe_parameters", "check_training_energy"]
+__all__ = ["check_cost_per_million", "check_ig_baseline", "check_moe_parameters",
+           "check_training_energy"]
 
 # --------------------------------------------------------------------------- MoE parameters
 # Exercise 1's model: d = 2048, 24 layers, SwiGLU experts of width 5632, vocabulary 50,000,
@@ -188,3 +191,111 @@ def check_cost_per_million(fn: Callable[[float, float], float]) -> bool:
                      (matches or [hint])[0])
     return _report(True, "price per million tokens = hourly price / tokens per hour x 1e6: "
                          "double the throughput, halve the price.")
+
+
+# --------------------------------------------------------------------------- IG baseline
+IG_STEPS = 128  # the reference's trapezoid steps, as in the chapter
+IG_CLOSE = 0.02  # attributions may differ by 2% of the largest: other step counts pass
+IG_COMPLETE = 0.01  # completeness within 1% of the score change, as the chapter asks
+
+
+def _attributions(answer: object, shape: tuple[int, ...]) -> torch.Tensor:
+    """The learner's attributions as a float64 tensor shaped like the inputs."""
+    if answer is Ellipsis or answer is None:
+        raise NotYet("ig_mean has no answer yet.",
+                     "compute ig_mean = explain.integrated_gradients(model, x, target, "
+                     "baseline=mean_image, steps=128).")
+    if type(answer).__module__ == "numpy":
+        answer = torch.from_numpy(answer)
+    if not isinstance(answer, torch.Tensor) or tuple(answer.shape) != shape:
+        got = (f"shape {tuple(answer.shape)}" if isinstance(answer, torch.Tensor)
+               else type(answer).__name__)
+        raise NotYet(f"ig_mean: expected a tensor of the inputs' shape {shape}, got {got}.",
+                     "integrated gradients give one attribution per pixel of every input.")
+    if not answer.is_floating_point():
+        raise NotYet(f"ig_mean has dtype {answer.dtype}, not a floating-point type.",
+                     "attributions are real numbers: keep the tensor integrated_gradients "
+                     "returns.")
+    return answer.detach().to(torch.float64)
+
+
+@grader
+def check_ig_baseline(ig_mean: object, flipped: object, model: nn.Module, x: torch.Tensor,
+                      target: torch.Tensor | int) -> bool:
+    """Ch. 15, exercise 4: ``ig_mean``, the integrated gradients of ``model``'s class scores
+    for the digits ``x`` (classes ``target``) with the *mean training image* of
+    ``aimodels.data.digits()`` as the baseline, and ``flipped``, how many of those
+    attributions have the opposite sign (one positive, the other negative) to the
+    attributions with the all-zero (blank) baseline."""
+    from aimodels.data import digits
+
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1:3] != (1, x.shape[-1]):
+        raise NotYet(f"x: expected digits of shape [n, 1, size, size], got "
+                     f"{tuple(getattr(x, 'shape', ()))}.",
+                     "pass the digits you explained, e.g. data['X_test'][:8].")
+    got = _attributions(ig_mean, tuple(x.shape))
+    mean_image = digits(size=x.shape[-1])["X_train"].mean(0, keepdim=True)
+
+    def ig(baseline: torch.Tensor | None) -> torch.Tensor:
+        return explain.integrated_gradients(model, x, target, baseline=baseline,
+                                            steps=IG_STEPS).to(torch.float64)
+
+    right, blank = ig(mean_image), ig(None)
+    scale = float(right.abs().max())
+
+    def near(candidate: torch.Tensor) -> bool:
+        return float((got - candidate).abs().max()) <= IG_CLOSE * scale
+
+    if not near(right):
+        slips = [
+            (blank, "these are the attributions with the blank (all-zero) baseline: pass "
+                    "baseline=mean_image."),
+            (ig(x.mean(0, keepdim=True)), "the baseline is the mean *training* image, "
+                                          "data['X_train'].mean(0, keepdim=True), not the mean "
+                                          "of the digits you explain."),
+            (ig(torch.full_like(mean_image, float(mean_image.mean()))),
+             "average over the images only (dim 0, keepdim=True): the baseline is an image, "
+             "not one grey level for every pixel."),
+            (-right, "the signs are reversed: IG goes from the baseline to the input, so "
+                     "integrated_gradients(model, x, target, baseline=mean_image)."),
+        ]
+        for candidate, hint in slips:
+            if near(candidate):
+                raise NotYet("ig_mean is not the integrated gradients from the mean training "
+                             "image.", hint)
+        with torch.no_grad():
+            change = (explain.class_scores(model, x, target)
+                      - explain.class_scores(model, mean_image.expand_as(x), target))
+        gap = (got.flatten(1).sum(1) - change.to(torch.float64)).abs() / change.abs()
+        raise NotYet(f"ig_mean does not add up: its sums miss f(x) - f(mean image) by up to "
+                     f"{float(gap.max()):.1%}.",
+                     "IG multiplies the path-averaged gradient by (x - baseline); use "
+                     "explain.integrated_gradients with enough steps (128).")
+    value = _number("flipped", flipped)
+    if 0 < value < 1:
+        raise NotYet(f"flipped = {value:.3g} is a fraction.",
+                     "count the attributions (an int), do not divide by their number.")
+    count = _whole_number("flipped", value)
+    right_count = int(((right * blank) < 0).sum())
+    own_count = int(((got * blank) < 0).sum())
+    if min(abs(count - right_count), abs(count - own_count)) <= 1:
+        return _report(True, f"{right_count} of {right.numel()} attributions change sign "
+                             "between the blank and the mean-image baseline, and both add up "
+                             "to their own score change: the baseline is part of the "
+                             "question an attribution answers.")
+    slips = {
+        int(((right * blank) <= 0).sum()): "a pixel with exactly zero attribution has no "
+                                           "sign to change: count product < 0, not <= 0.",
+        int((torch.sign(right) != torch.sign(blank)).sum()): "where a pixel is blank, the "
+            "blank baseline gives it exactly 0, which has no sign: count only the pixels "
+            "that are positive in one and negative in the other (product < 0).",
+        int(((blank > 0) & (right < 0)).sum()): "count both directions: positive to "
+                                                "negative and negative to positive.",
+        int(((blank < 0) & (right > 0)).sum()): "count both directions: positive to "
+                                                "negative and negative to positive.",
+        int(((right * blank) > 0).sum()): "that counts the attributions that keep their "
+                                          "sign; the question asks for those that change it.",
+    }
+    hint = slips.get(count, "multiply the two attribution tensors and count the negative "
+                            "products: ((ig_mean * ig) < 0).sum().")
+    raise NotYet(f"flipped = {count}, not the number of sign changes.", hint)
